@@ -1,0 +1,42 @@
+/* The AMQP connection to the committed Primary's broker (librabbitmq),
+ * driven by the sd-event loop: its socket is an I/O source, frames are
+ * read without blocking, heartbeats are sent and checked on timers. It
+ * declares a server-named exclusive auto-delete queue bound to the events
+ * exchange with provider.# and agent.#, consumes with acks, and reports
+ * every event (as a hint) and every loss. On loss it closes, backs off
+ * with jitter and reconnects by itself. */
+#pragma once
+
+#include <stdbool.h>
+#include <systemd/sd-event.h>
+
+#include "config.h"
+#include "provider.h"
+
+typedef enum BrokerConnState {
+        BROKER_DOWN,
+        BROKER_CONNECTING,
+        BROKER_CONNECTED,
+} BrokerConnState;
+
+typedef struct Broker Broker;
+
+typedef struct BrokerCallbacks {
+        /* An event arrived (already acknowledged). body is not NUL-terminated. */
+        void (*event)(Broker *b, const char *routing_key, const void *body, size_t len, void *userdata);
+        /* The connection state changed; reason is set for BROKER_DOWN. */
+        void (*state_changed)(Broker *b, BrokerConnState state, const char *reason, void *userdata);
+} BrokerCallbacks;
+
+int broker_new(sd_event *e, const Config *cfg, const BrokerCallbacks *cb, void *userdata, Broker **ret);
+/* Closes the connection (channel and connection close, bounded). */
+Broker *broker_free(Broker *b);
+/* New credentials/exchange/heartbeat: reconnects when they changed. */
+int broker_reconfigure(Broker *b, const Config *cfg);
+
+/* Connects to target (the committed Primary's broker), or moves there
+ * from the current one; NULL disconnects. Returns at once; progress is
+ * reported through state_changed. */
+int broker_set_target(Broker *b, const BrokerInfo *target);
+BrokerConnState broker_state(const Broker *b);
+const char *broker_conn_state_to_string(BrokerConnState s);

@@ -1,0 +1,86 @@
+/* The manager owns the sd-event loop and everything in it: signals, the
+ * watchdog, STATUS=, the round scheduler (one round in flight, one
+ * pending: that is all the coalescing there is), and the wiring of the
+ * poller, the rule, the persistent state, the settings writer, the broker
+ * connection, the notify listener and the update gate. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <systemd/sd-event.h>
+
+#include <jansson.h>
+
+#include "broker.h"
+#include "config.h"
+#include "gate.h"
+#include "notify.h"
+#include "poller.h"
+#include "rule.h"
+#include "settings.h"
+#include "state.h"
+#include "updater.h"
+
+#define DAEMON_VERSION "0.1.0"
+#define MANAGER_MAX_WARNINGS 16
+#define MANAGER_WARNING_MAX 256
+#define MANAGER_MAX_CHANGE_TIMES 8
+
+typedef struct Manager {
+        sd_event *event;
+        Config *config;
+        bool once; /* --once: one round, then exit */
+        int exit_code;
+
+        sd_event_source *sigterm, *sigint, *sighup;
+        sd_event_source *poll_timer;    /* next scheduled round */
+        sd_event_source *watchdog_timer;
+        uint64_t watchdog_usec;
+
+        Poller *poller;
+        SettingsWriter *settings;
+        Broker *broker;
+        NotifyServer *notify;
+        Updater *updater;
+
+        PersistentState state;
+        bool have_primary; /* state.committed.epoch > 0 */
+
+        /* Round scheduling. */
+        bool round_pending;
+        uint64_t round_started_usec; /* CLOCK_MONOTONIC */
+        uint64_t fast_delay_usec;    /* current fast-poll delay, 0 when steady */
+
+        /* What the last round concluded, for the status document. */
+        RuleResult last_rule;
+        char warnings[MANAGER_MAX_WARNINGS][MANAGER_WARNING_MAX];
+        size_t n_warnings;
+        uint64_t last_poll_usec;   /* CLOCK_REALTIME, 0 never */
+        uint64_t last_change_usec; /* CLOCK_REALTIME, 0 never */
+        uint64_t change_times[MANAGER_MAX_CHANGE_TIMES]; /* CLOCK_MONOTONIC of recent Primary changes */
+        size_t n_change_times;
+
+        /* Update gate memory across rounds. */
+        GateResult gate;
+        unsigned agreeing_rounds;
+        char agreeing_version[PROVIDER_VERSION_MAX + 1];
+        char installed_version[PROVIDER_VERSION_MAX + 1];
+
+        struct {
+                uint64_t polls, events, notifies, changes;
+        } counters;
+
+        char status_text[512]; /* last STATUS= sent */
+} Manager;
+
+int manager_new(Config *config, bool once, Manager **ret); /* takes config */
+Manager *manager_free(Manager *m);
+/* Sends READY=1 and runs the loop until a stop signal (or the end of a
+ * --once round). Returns the exit code. */
+int manager_run(Manager *m);
+
+/* Asks for a poll round now; coalesces with one in flight. `why` is logged. */
+void manager_request_round(Manager *m, const char *why);
+
+/* The status document of contract section 7 (agent/status.c). */
+json_t *manager_status_json(Manager *m);

@@ -1,0 +1,34 @@
+/* The notify listener (contract section 6) on libmicrohttpd, driven by the
+ * sd-event loop through MHD's epoll fd and a timer. Owns the listening
+ * socket (or the one passed by systemd socket activation), the per-peer
+ * and total connection limits, the token bucket, the request and body
+ * limits, and rate-limited logging of rejections. It never commits
+ * anything: a valid notify only asks the manager for a poll round. */
+#pragma once
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <systemd/sd-event.h>
+
+#include "config.h"
+
+typedef struct NotifyServer NotifyServer;
+
+typedef struct NotifyCallbacks {
+        /* A valid, authenticated notify (or the endpoints PATCH). */
+        void (*notify)(NotifyServer *s, const char *peer, const char *summary, void *userdata);
+        /* Builds the status document (a new reference). */
+        json_t *(*status)(NotifyServer *s, void *userdata);
+} NotifyCallbacks;
+
+/* Listens as configured ([notify] listen; or the socket passed by systemd
+ * when sd_listen_fds() gives one). Returns 0 with *ret NULL when the
+ * listener is off. */
+int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb, void *userdata,
+                      NotifyServer **ret);
+NotifyServer *notify_server_free(NotifyServer *s);
+
+/* True when the listener must be reopened for the new config. */
+bool notify_server_needs_restart(const Config *old_cfg, const Config *new_cfg);
+/* Token, allow list and limits that do not need a new socket. */
+int notify_server_reconfigure(NotifyServer *s, const Config *cfg);

@@ -1,0 +1,66 @@
+/* The Primary-following rule of contract section 3, as a pure function over
+ * plain data: the committed pair and one poll round's answers in, a verdict
+ * out. No I/O, no clock, no logging; the caller acts on the verdict. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "provider.h"
+
+/* The committed pair, as persisted in the state file. epoch 0: none yet. */
+typedef struct Committed {
+        uint64_t epoch;
+        NodeRef primary;
+        BrokerInfo broker;
+} Committed;
+
+/* One node's answer in a poll round. */
+typedef struct RuleAnswer {
+        bool via_load_balancer; /* asked through the load balancer: discovery only */
+        bool ok;                /* a valid state document (200, or 304 with a cached one) */
+        const ProviderState *state; /* valid when ok */
+} RuleAnswer;
+
+typedef enum RuleVerdict {
+        RULE_KEEP,     /* nothing to commit */
+        RULE_COMMIT,   /* commit `next` */
+        RULE_CONFLICT, /* two Primaries at the highest candidate epoch: commit nothing */
+} RuleVerdict;
+
+typedef enum RuleConfirmation {
+        RULE_CONFIRMED_NONE,
+        RULE_CONFIRMED_BY_PRIMARY,  /* P' itself answered role=primary at E' */
+        RULE_CONFIRMED_BY_MAJORITY, /* a strict majority of P''s cluster */
+} RuleConfirmation;
+
+#define RULE_MAX_STALE 16
+
+typedef struct RuleStale {
+        char node_id[PROVIDER_ID_MAX + 1];
+        uint64_t epoch;
+} RuleStale;
+
+typedef struct RuleResult {
+        RuleVerdict verdict;
+        RuleConfirmation confirmation; /* for RULE_COMMIT */
+        Committed next;                /* for RULE_COMMIT */
+        bool broker_only;              /* RULE_COMMIT of the same pair with new broker fields */
+        unsigned supporters, cluster_size; /* majority arithmetic, for logs */
+
+        /* Nodes that answered role=primary below the (resulting) epoch. */
+        RuleStale stale[RULE_MAX_STALE];
+        size_t n_stale;
+
+        /* Two different nodes claiming primary at one epoch (also at the
+         * committed epoch, where nothing is committed anyway). */
+        bool conflict;
+        uint64_t conflict_epoch;
+        char conflict_a[PROVIDER_ID_MAX + 1], conflict_b[PROVIDER_ID_MAX + 1];
+} RuleResult;
+
+/* Applies the rule. `current` is the committed pair (epoch 0 when none). */
+void rule_evaluate(const Committed *current, const RuleAnswer *answers, size_t n_answers, RuleResult *ret);
+
+bool committed_equal(const Committed *a, const Committed *b);

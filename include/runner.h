@@ -1,0 +1,29 @@
+/* Child processes with a timeout, for on_change and the update command:
+ * fork/exec of an argv (no shell), extra environment variables, output
+ * captured line by line into the log, SIGTERM at the timeout then SIGKILL
+ * after a grace period. One child per Runner at a time. The child is
+ * watched with sd_event_add_child; nothing blocks the loop. */
+#pragma once
+
+#include <stdbool.h>
+#include <systemd/sd-event.h>
+
+#include "config.h"
+
+typedef struct Runner Runner;
+
+/* status: the exit code (>= 0), or -SIGNUM when killed by a signal, or
+ * -ETIMEDOUT when killed at the timeout, or another negative errno when it
+ * could not be started. */
+typedef void (*runner_done_t)(Runner *r, int status, void *userdata);
+
+/* name is used in log lines ("on_change", "update"). */
+int runner_new(sd_event *e, const char *name, Runner **ret);
+/* Kills a running child (SIGKILL) and reaps it. */
+Runner *runner_free(Runner *r);
+
+/* Starts argv[0] with argv, the daemon's environment plus env (NULL-
+ * terminated "KEY=value" strings, may be NULL). -EBUSY when running. */
+int runner_start(Runner *r, char *const argv[], char *const env[], usec_t timeout, runner_done_t done,
+                 void *userdata);
+bool runner_busy(const Runner *r);

@@ -1,0 +1,39 @@
+/* The Agent's broker settings file (contract section 5): rendering is pure,
+ * writing is atomic and only on change. The SettingsWriter owns the retry
+ * timer for failed writes (ENOSPC, EACCES: the old file stays intact) and
+ * the on_change run, coalescing changes that arrive while it runs into one
+ * more run for the latest state. */
+#pragma once
+
+#include <stdbool.h>
+#include <systemd/sd-event.h>
+
+#include "config.h"
+#include "rule.h"
+
+#define SETTINGS_MAX 8192
+
+/* Renders the exact file of contract section 5. Returns length or -ENOBUFS. */
+int settings_render(const Committed *c, char *buf, size_t size);
+
+typedef struct SettingsWriter SettingsWriter;
+typedef struct Runner Runner;
+
+int settings_writer_new(sd_event *e, const Config *cfg, SettingsWriter **ret);
+SettingsWriter *settings_writer_free(SettingsWriter *w);
+
+/* Makes the file describe c: writes it if its content (or mode) differs,
+ * then runs on_change. Failures are logged and retried with backoff;
+ * returns 0 when written or unchanged, or the negative errno of the
+ * failed write (a retry is already scheduled). */
+int settings_writer_apply(SettingsWriter *w, const Committed *c);
+
+/* A new Config (SIGHUP): rewrites at once if path, mode or content differ. */
+int settings_writer_reconfigure(SettingsWriter *w, const Config *cfg);
+
+/* True while a write is pending a retry or on_change runs or is owed. */
+bool settings_writer_busy(const SettingsWriter *w);
+/* The last write error (negative errno) or 0; for STATUS= and status. */
+int settings_writer_error(const SettingsWriter *w);
+/* Number of rewrites done. */
+uint64_t settings_writer_changes(const SettingsWriter *w);

@@ -1,0 +1,45 @@
+/* The updater: downloads an offered Agent update through libcurl inside the
+ * event loop (TLS verified, bearer token, at most `size` bytes, to a
+ * temporary file under download_dir), checks size and sha256, renames it
+ * into place, runs `command FILE VERSION` through a Runner, and records a
+ * success in the persistent state. Failures back off 1 min doubling to 1 h.
+ * Never two at once. */
+#pragma once
+
+#include <stdbool.h>
+#include <systemd/sd-event.h>
+
+#include "config.h"
+#include "gate.h"
+#include "provider.h"
+#include "state.h"
+
+typedef struct Updater Updater;
+
+typedef enum UpdaterPhase {
+        UPDATER_IDLE,
+        UPDATER_DOWNLOADING,
+        UPDATER_APPLYING,
+        UPDATER_FAILED, /* backing off */
+} UpdaterPhase;
+
+/* Called when the persistent state changed (applied version, backoff) and
+ * must be saved, and when an update finished (applied or failed). */
+typedef void (*updater_changed_t)(Updater *u, void *userdata);
+
+int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_changed_t changed,
+                void *userdata, Updater **ret);
+/* Stops a download (its temporary file removed) or a command (killed). */
+Updater *updater_free(Updater *u);
+int updater_reconfigure(Updater *u, const Config *cfg);
+
+/* Starts download+apply of offer. -EBUSY when busy; -EAGAIN while backing
+ * off from a failure of the same version. */
+int updater_start(Updater *u, const AgentUpdate *offer);
+UpdaterPhase updater_phase(const Updater *u);
+/* "sha256_mismatch", "command_failed: exit 3", ... for the status; "" none. */
+const char *updater_last_error(const Updater *u);
+/* Removes leftovers of an interrupted download at start. */
+int updater_sweep(const Config *cfg);
+/* First line of agent_version_file into buf ("" when missing). */
+int updater_read_installed(const Config *cfg, char *buf, size_t size);
