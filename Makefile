@@ -14,7 +14,7 @@ PKG_CONFIG ?= pkg-config
 PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
 
-LIBS_PKG := librabbitmq libcurl jansson libsystemd inih libmicrohttpd
+LIBS_PKG := librabbitmq libcurl jansson libsystemd inih libmicrohttpd libcrypto
 CPPFLAGS += -Iinclude -D_GNU_SOURCE
 CFLAGS ?= -O2 -g
 CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wformat=2 \
@@ -95,3 +95,8 @@ clean:
 .PHONY: all deps unit integration check bench install clean
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+
+package: all
+	./packaging/build-deb.sh
+
+.PHONY: package

@@ -25,13 +25,14 @@ typedef struct PollTarget {
         char error[POLL_ERROR_MAX];    /* "" when ok */
         uint64_t last_seen_usec;       /* CLOCK_REALTIME of the last good answer, 0 never */
         uint64_t last_latency_usec;
+        char reported_error[POLL_ERROR_MAX]; /* owned by the manager: last error it logged */
 
         /* private to the poller */
-        void *easy;
+        void *easy;    /* CURL *, reused across rounds */
+        void *headers; /* struct curl_slist * of the request in flight */
         char *body;
         size_t body_len;
         bool in_flight;
-        bool used; /* mark for target-set updates */
 } PollTarget;
 
 typedef struct Poller Poller;

@@ -31,7 +31,13 @@ int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_
                 void *userdata, Updater **ret);
 /* Stops a download (its temporary file removed) or a command (killed). */
 Updater *updater_free(Updater *u);
+/* Takes a new Config. A download or command in flight keeps the values it
+ * started with (they are copied), so the old Config may be freed at once. */
 int updater_reconfigure(Updater *u, const Config *cfg);
+/* Download limits, for tests and unusual networks. A transfer slower than
+ * low_speed_bytes per second for low_speed_time, or longer than total,
+ * fails. Defaults: 1024 B/s for 60 s, 1 h in total. */
+void updater_set_download_limits(Updater *u, uint64_t low_speed_bytes, usec_t low_speed_time, usec_t total);
 
 /* Starts download+apply of offer. -EBUSY when busy; -EAGAIN while backing
  * off from a failure of the same version. */

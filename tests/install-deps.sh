@@ -6,10 +6,11 @@ set -eu
 
 PACKAGES="
 build-essential pkg-config make gcc clang libclang-rt-14-dev clang-format
-librabbitmq-dev libcurl4-openssl-dev libjansson-dev libsystemd-dev
+librabbitmq-dev libcurl4-openssl-dev libssl-dev libjansson-dev libsystemd-dev
 libinih-dev libmicrohttpd-dev libcmocka-dev
-python3 python3-pytest rabbitmq-server
+python3 python3-pytest python3-pika rabbitmq-server
 openssl curl iproute2 nftables valgrind procps systemd
+debhelper dpkg-dev fakeroot lintian rpm man-db groff-base
 "
 
 missing=""

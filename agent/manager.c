@@ -1,0 +1,780 @@
+/* The manager: one sd-event loop and the round scheduler.
+ *
+ * Every input (the poll timer, an AMQP event, a notify, the loss of the
+ * broker, SIGHUP) only asks for a round. If one is in flight, the request
+ * marks one more as pending; that is the whole of coalescing. When a round
+ * ends, its answers go through the rule (pure), a commit goes to the state
+ * file, then the settings file, then the broker connection moves; the
+ * update gate (pure) looks at the same answers. */
+#include "manager.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
+
+#include "log.h"
+#include "macro.h"
+
+#define FLAP_WINDOW_USEC     (10 * 60 * USEC_PER_SEC)
+#define FLAP_LIMIT           3
+#define MAX_LOGGED_STALE     16
+#define MAX_DISCOVERY_ROUNDS 3
+
+static uint64_t now_usec(clockid_t clock) {
+        struct timespec ts;
+        clock_gettime(clock, &ts);
+        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
+}
+
+/* A uniform double in [0, 1) for jitter and the update delay. Quality
+ * matters little; spreading a fleet out is all it does. */
+static double random_unit(void) {
+        static uint64_t s;
+        if (s == 0 && getrandom(&s, sizeof(s), GRND_NONBLOCK) != sizeof(s))
+                s = now_usec(CLOCK_MONOTONIC) ^ (uint64_t) getpid() << 32;
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        return (double) (s >> 11) / (double) (1ULL << 53);
+}
+
+static uint64_t jittered(uint64_t usec, double jitter) {
+        double f = 1.0 + jitter * (2.0 * random_unit() - 1.0);
+        return (uint64_t) ((double) usec * f);
+}
+
+/* ---- STATUS= and warnings ---- */
+
+static void manager_send_status(Manager *m) {
+        char text[1024];
+        const Committed *c = &m->state.committed;
+        int werr = m->settings ? settings_writer_error(m->settings) : 0;
+        const char *broker = m->broker ? broker_conn_state_to_string(broker_state(m->broker)) : "off";
+
+        if (c->epoch == 0)
+                snprintf(text, sizeof(text), "primary unknown, polling %zu nodes",
+                         m->poller ? poller_n_targets(m->poller) : 0);
+        else if (werr < 0)
+                snprintf(text, sizeof(text), "primary %s epoch %" PRIu64 ", settings write failed: %s",
+                         c->primary.id, c->epoch, strerror(-werr));
+        else
+                snprintf(text, sizeof(text), "primary %s epoch %" PRIu64 ", broker %s, update %s%s%s",
+                         c->primary.id, c->epoch, broker, gate_state_to_string(m->gate.state),
+                         m->gate.reason[0] ? ": " : "", m->gate.reason);
+        if (strcmp(text, m->status_text) == 0)
+                return;
+        strscpy(m->status_text, sizeof(m->status_text), text);
+        (void) sd_notifyf(false, "STATUS=%s", text);
+}
+
+static void add_warning(Manager *m, const char *fmt, ...) _printf_(2, 3);
+static void add_warning(Manager *m, const char *fmt, ...) {
+        va_list ap;
+
+        if (m->n_warnings >= MANAGER_MAX_WARNINGS)
+                return;
+        va_start(ap, fmt);
+        vsnprintf(m->warnings[m->n_warnings++], MANAGER_WARNING_MAX, fmt, ap);
+        va_end(ap);
+}
+
+static unsigned recent_changes(Manager *m, uint64_t now) {
+        unsigned n = 0;
+        for (size_t i = 0; i < m->n_change_times; i++)
+                if (now - m->change_times[i] <= FLAP_WINDOW_USEC)
+                        n++;
+        return n;
+}
+
+static void manager_update_warnings(Manager *m) {
+        const RuleResult *r = &m->last_rule;
+        unsigned flaps = recent_changes(m, now_usec(CLOCK_MONOTONIC));
+        int werr = m->settings ? settings_writer_error(m->settings) : 0;
+
+        m->n_warnings = 0;
+        for (size_t i = 0; i < r->n_stale; i++)
+                add_warning(m, "stale primary %s at epoch %" PRIu64, r->stale[i].node_id, r->stale[i].epoch);
+        if (r->conflict)
+                add_warning(m, "primary conflict: %s and %s both claim epoch %" PRIu64, r->conflict_a,
+                            r->conflict_b, r->conflict_epoch);
+        if (m->state.committed.epoch > 0 && (m->state.n_nodes < 3 || m->state.n_nodes > 4))
+                add_warning(m, "cluster size %zu: a Provider HA cluster has 3 or 4 nodes", m->state.n_nodes);
+        if (flaps > FLAP_LIMIT)
+                add_warning(m, "flapping: %u primary changes within 10 minutes", flaps);
+        if (werr < 0)
+                add_warning(m, "settings file %s not written: %s", m->config->settings_file,
+                            strerror(-werr));
+        if (m->state.committed.epoch == 0)
+                add_warning(m, "no primary committed yet");
+}
+
+/* ---- the round scheduler ---- */
+
+static void on_round_done(Poller *p, void *userdata);
+
+static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        manager_request_round(userdata, NULL);
+        return 0;
+}
+
+static bool manager_steady(Manager *m) {
+        if (m->state.committed.epoch == 0)
+                return false;
+        return !m->broker || broker_state(m->broker) == BROKER_CONNECTED;
+}
+
+/* Arms the timer for the next round: steady, or the fast-poll backoff
+ * while the Primary is unknown or its broker is lost (contract 4). */
+static void manager_schedule_next(Manager *m) {
+        const Config *c = m->config;
+        uint64_t delay;
+
+        if (manager_steady(m)) {
+                m->fast_delay_usec = 0;
+                delay = c->poll_interval;
+        } else {
+                if (m->fast_delay_usec == 0)
+                        m->fast_delay_usec = c->fast_poll_interval;
+                delay = m->fast_delay_usec;
+                m->fast_delay_usec = m->fast_delay_usec * 2 > c->poll_interval ? c->poll_interval
+                                                                               : m->fast_delay_usec * 2;
+        }
+        delay = jittered(delay, c->poll_jitter);
+        (void) sd_event_source_set_time(m->poll_timer, now_usec(CLOCK_MONOTONIC) + delay);
+        (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_ONESHOT);
+}
+
+static void manager_start_round(Manager *m) {
+        int r;
+
+        (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_OFF);
+        m->round_pending = false;
+        m->round_started_usec = now_usec(CLOCK_MONOTONIC);
+        r = poller_start_round(m->poller, on_round_done, m);
+        if (r < 0) {
+                log_warning_errno(r, "Cannot start a poll round");
+                manager_schedule_next(m);
+        }
+}
+
+void manager_request_round(Manager *m, const char *why) {
+        if (why)
+                log_debug("Poll round requested: %s", why);
+        if (poller_in_flight(m->poller)) {
+                m->round_pending = true;
+                return;
+        }
+        manager_start_round(m);
+}
+
+/* ---- after a round: discovery ---- */
+
+static bool url_listed(const char *const *list, size_t n, const char *url) {
+        for (size_t i = 0; i < n; i++)
+                if (strcmp(list[i], url) == 0)
+                        return true;
+        return false;
+}
+
+static void add_nodes(const char **list, size_t *n, size_t max, const NodeRef *nodes, size_t n_nodes) {
+        for (size_t i = 0; i < n_nodes && *n < max; i++)
+                if (!url_listed(list, *n, nodes[i].api_url))
+                        list[(*n)++] = nodes[i].api_url;
+}
+
+/* The nodes to poll besides the configured ones: the committed Primary's
+ * latest `nodes`, what the load balancer reports, and, while nothing is
+ * committed, what any node reports. Returns true when a target is new. */
+static bool manager_refresh_targets(Manager *m) {
+        const char *extra[4 * PROVIDER_NODES_MAX];
+        size_t n = 0;
+        bool added = false;
+
+        add_nodes(extra, &n, ELEMENTSOF(extra), m->state.nodes, m->state.n_nodes);
+        for (size_t i = 0; i < poller_n_targets(m->poller); i++) {
+                PollTarget *t = poller_target(m->poller, i);
+                if (!t->ok || (!t->via_load_balancer && m->state.committed.epoch > 0))
+                        continue;
+                add_nodes(extra, &n, ELEMENTSOF(extra), t->state.nodes, t->state.n_nodes);
+        }
+        for (size_t i = 0; i < n; i++)
+                if (!poller_find(m->poller, extra[i]))
+                        added = true;
+        if (poller_set_targets(m->poller, extra, n) < 0)
+                return false;
+        return added;
+}
+
+/* ---- after a round: the rule ---- */
+
+static const ProviderState *answer_of(Manager *m, const char *node_id, bool want_primary) {
+        for (size_t i = 0; i < poller_n_targets(m->poller); i++) {
+                PollTarget *t = poller_target(m->poller, i);
+                if (!t->ok || t->via_load_balancer || strcmp(t->state.node.id, node_id) != 0)
+                        continue;
+                if (want_primary && t->state.role != NODE_ROLE_PRIMARY)
+                        continue;
+                return &t->state;
+        }
+        return NULL;
+}
+
+/* The cluster's node list: from the committed Primary's own answer when it
+ * gave one, else from the largest list of a node that follows it. */
+static bool manager_learn_nodes(Manager *m) {
+        const Committed *c = &m->state.committed;
+        const ProviderState *best = answer_of(m, c->primary.id, true);
+
+        if (best && best->epoch != c->epoch)
+                best = NULL;
+        for (size_t i = 0; !best && i < poller_n_targets(m->poller); i++) {
+                PollTarget *t = poller_target(m->poller, i);
+                if (t->ok && !t->via_load_balancer && t->state.epoch == c->epoch &&
+                    strcmp(t->state.primary.id, c->primary.id) == 0 &&
+                    (!best || t->state.n_nodes > best->n_nodes))
+                        best = &t->state;
+        }
+        if (!best || best->n_nodes == 0)
+                return false;
+        if (best->n_nodes == m->state.n_nodes &&
+            memcmp(best->nodes, m->state.nodes, best->n_nodes * sizeof(NodeRef)) == 0)
+                return false;
+        memcpy(m->state.nodes, best->nodes, best->n_nodes * sizeof(NodeRef));
+        m->state.n_nodes = best->n_nodes;
+        return true;
+}
+
+static int manager_save_state(Manager *m) {
+        int r = state_save(m->config->state_file, &m->state);
+        if (r < 0)
+                return log_error_errno(r, "Cannot write state file %s", m->config->state_file);
+        return 0;
+}
+
+/* Stale primaries are logged once per node and epoch: a ring of the last
+ * few is enough, since a stale node keeps its epoch while it is stale. */
+static bool stale_logged(const RuleStale *s) {
+        static RuleStale logged[MAX_LOGGED_STALE];
+        static size_t next, used;
+
+        for (size_t i = 0; i < used; i++)
+                if (logged[i].epoch == s->epoch && strcmp(logged[i].node_id, s->node_id) == 0)
+                        return true;
+        logged[next] = *s;
+        next = (next + 1) % MAX_LOGGED_STALE;
+        if (used < MAX_LOGGED_STALE)
+                used++;
+        return false;
+}
+
+static void manager_log_rule(Manager *m, const RuleResult *res) {
+        const RuleResult *prev = &m->last_rule;
+
+        for (size_t i = 0; i < res->n_stale; i++) {
+                const RuleStale *s = &res->stale[i];
+                if (stale_logged(s))
+                        continue;
+                log_struct(LOG_WARNING, 0, MID_STALE_PRIMARY,
+                           &(LogFields){.epoch = s->epoch, .node_id = s->node_id, .reason = "stale_primary"},
+                           "Ignoring stale primary %s: it claims epoch %" PRIu64 ", committed is %" PRIu64,
+                           s->node_id, s->epoch, m->state.committed.epoch);
+        }
+        if (res->conflict && (!prev->conflict || prev->conflict_epoch != res->conflict_epoch ||
+                              strcmp(prev->conflict_a, res->conflict_a) != 0 ||
+                              strcmp(prev->conflict_b, res->conflict_b) != 0))
+                log_struct(LOG_ERR, 0, MID_PRIMARY_CONFLICT,
+                           &(LogFields){.epoch = res->conflict_epoch, .reason = "primary_conflict"},
+                           "Primary conflict: %s and %s both claim primary at epoch %" PRIu64
+                           "; nothing committed",
+                           res->conflict_a, res->conflict_b, res->conflict_epoch);
+}
+
+static void manager_commit(Manager *m, const RuleResult *res) {
+        Committed old = m->state.committed;
+        const Committed *c = &res->next;
+        uint64_t now = now_usec(CLOCK_MONOTONIC);
+
+        m->state.committed = *c;
+        (void) manager_learn_nodes(m);
+        (void) manager_save_state(m);
+
+        log_struct(LOG_NOTICE, 0, MID_PRIMARY_COMMITTED,
+                   &(LogFields){.epoch = c->epoch,
+                                .primary_id = c->primary.id,
+                                .reason = res->broker_only ? "broker_changed"
+                                          : res->confirmation == RULE_CONFIRMED_BY_PRIMARY
+                                                  ? "confirmed_by_primary"
+                                                  : "confirmed_by_majority"},
+                   "Primary %s committed at epoch %" PRIu64 " (was %s at %" PRIu64
+                   "), broker %s:%u vhost %s%s",
+                   c->primary.id, c->epoch, old.epoch ? old.primary.id : "none", old.epoch, c->broker.host,
+                   c->broker.port, c->broker.vhost, c->broker.tls ? " tls" : "");
+
+        m->counters.changes++;
+        m->last_change_usec = now_usec(CLOCK_REALTIME);
+        if (old.epoch > 0 && strcmp(old.primary.id, c->primary.id) != 0) {
+                if (m->n_change_times == MANAGER_MAX_CHANGE_TIMES) {
+                        memmove(m->change_times, m->change_times + 1,
+                                (MANAGER_MAX_CHANGE_TIMES - 1) * sizeof(m->change_times[0]));
+                        m->n_change_times--;
+                }
+                m->change_times[m->n_change_times++] = now;
+        }
+
+        if (m->settings)
+                (void) settings_writer_apply(m->settings, c);
+        if (m->broker)
+                (void) broker_set_target(m->broker, &c->broker);
+}
+
+/* Logs a node that starts or stops failing, not every failed poll. */
+static void manager_log_targets(Manager *m) {
+        for (size_t i = 0; i < poller_n_targets(m->poller); i++) {
+                PollTarget *t = poller_target(m->poller, i);
+                if (strcmp(t->error, t->reported_error) == 0)
+                        continue;
+                if (t->error[0])
+                        log_struct(LOG_WARNING, 0, NULL, &(LogFields){.reason = t->error},
+                                   "Provider %s%s failed: %s", t->url,
+                                   t->via_load_balancer ? " (load balancer)" : "", t->error);
+                else
+                        log_struct(LOG_NOTICE, 0, NULL,
+                                   &(LogFields){.node_id = t->have_state ? t->state.node.id : NULL},
+                                   "Provider %s answers again", t->url);
+                strscpy(t->reported_error, sizeof(t->reported_error), t->error);
+        }
+}
+
+/* ---- after a round: the update gate ---- */
+
+static const PollTarget *direct_answer(Manager *m, const NodeRef *node) {
+        PollTarget *t = poller_find(m->poller, node->api_url);
+        if (!t || t->via_load_balancer || !t->ok || strcmp(t->state.node.id, node->id) != 0)
+                return NULL;
+        return t;
+}
+
+static void manager_evaluate_gate(Manager *m) {
+        const Config *c = m->config;
+        const ProviderState *primary = answer_of(m, m->state.committed.primary.id, true);
+        const AgentUpdate *offer = primary && primary->update.present ? &primary->update : NULL;
+        GateNode nodes[PROVIDER_NODES_MAX] = {};
+        bool all_agree = m->state.n_nodes > 0;
+        GateResult res;
+        char prev_reason[GATE_REASON_MAX];
+
+        for (size_t i = 0; i < m->state.n_nodes; i++) {
+                const PollTarget *t = direct_answer(m, &m->state.nodes[i]);
+                strscpy(nodes[i].id, sizeof(nodes[i].id), m->state.nodes[i].id);
+                nodes[i].answered_direct = t != NULL;
+                if (t)
+                        strscpy(nodes[i].version, sizeof(nodes[i].version), t->state.version);
+                if (!t || strcmp(nodes[i].version, nodes[0].version) != 0)
+                        all_agree = false;
+        }
+        if (all_agree && strcmp(m->agreeing_version, nodes[0].version) == 0)
+                m->agreeing_rounds++;
+        else if (all_agree) {
+                m->agreeing_rounds = 1;
+                strscpy(m->agreeing_version, sizeof(m->agreeing_version), nodes[0].version);
+        } else {
+                m->agreeing_rounds = 0;
+                m->agreeing_version[0] = 0;
+        }
+
+        (void) updater_read_installed(c, m->installed_version, sizeof(m->installed_version));
+        if (offer && c->update_enabled && strcmp(m->state.delay_version, offer->version) != 0) {
+                /* Drawn once per offered version and kept across restarts. */
+                strscpy(m->state.delay_version, sizeof(m->state.delay_version), offer->version);
+                m->state.delay_not_before_usec =
+                        now_usec(CLOCK_REALTIME) + (uint64_t) (random_unit() * (double) c->max_delay);
+                (void) manager_save_state(m);
+        }
+
+        GateInput in = {
+                .enabled = c->update_enabled,
+                .offer = offer,
+                .installed = m->installed_version,
+                .applied = m->state.applied_version,
+                .nodes = nodes,
+                .n_nodes = m->state.n_nodes,
+                .agreeing_rounds = m->agreeing_rounds,
+                .stable_rounds = c->stable_rounds,
+                .settings_busy = m->settings && settings_writer_busy(m->settings),
+                .now_usec = now_usec(CLOCK_REALTIME),
+                .window_set = c->window_set,
+                .window_start_min = c->window_start_min,
+                .window_end_min = c->window_end_min,
+                .delay_not_before_usec = m->state.delay_not_before_usec,
+        };
+        gate_evaluate(&in, &res);
+
+        strscpy(prev_reason, sizeof(prev_reason), m->gate.reason);
+        m->gate = res;
+        if ((res.state == GATE_HELD || res.state == GATE_WAITING) && strcmp(prev_reason, res.reason) != 0)
+                log_struct(LOG_INFO, 0, MID_UPDATE_HELD,
+                           &(LogFields){.version = offer ? offer->version : NULL, .reason = res.reason},
+                           "Agent update %s %s: %s", offer ? offer->version : "",
+                           gate_state_to_string(res.state), res.reason);
+
+        if (res.state == GATE_OPEN && m->updater && !m->once &&
+            updater_phase(m->updater) != UPDATER_DOWNLOADING &&
+            updater_phase(m->updater) != UPDATER_APPLYING) {
+                int r = updater_start(m->updater, offer);
+                if (r < 0 && r != -EAGAIN && r != -EBUSY)
+                        log_warning_errno(r, "Cannot start the agent update %s", offer->version);
+        }
+}
+
+/* ---- the round's end ---- */
+
+static void manager_print_once_summary(Manager *m) {
+        const Committed *c = &m->state.committed;
+
+        if (c->epoch == 0) {
+                printf("no primary confirmed: %zu nodes polled\n", poller_n_targets(m->poller));
+                return;
+        }
+        printf("primary %s epoch %" PRIu64 " broker %s:%u vhost %s tls %s settings %s update %s%s%s\n",
+               c->primary.id, c->epoch, c->broker.host, c->broker.port, c->broker.vhost,
+               c->broker.tls ? "true" : "false",
+               settings_writer_error(m->settings) < 0 ? "write-failed" : "ok",
+               gate_state_to_string(m->gate.state), m->gate.reason[0] ? ": " : "", m->gate.reason);
+}
+
+static void on_round_done(Poller *p, void *userdata) {
+        Manager *m = userdata;
+        RuleAnswer answers[64];
+        size_t n = 0;
+        RuleResult res;
+        static unsigned discovery_rounds;
+
+        m->counters.polls++;
+        m->last_poll_usec = now_usec(CLOCK_REALTIME);
+        manager_log_targets(m);
+
+        for (size_t i = 0; i < poller_n_targets(p) && n < ELEMENTSOF(answers); i++) {
+                PollTarget *t = poller_target(p, i);
+                answers[n++] = (RuleAnswer){
+                        .via_load_balancer = t->via_load_balancer, .ok = t->ok, .state = &t->state};
+        }
+        rule_evaluate(&m->state.committed, answers, n, &res);
+        manager_log_rule(m, &res);
+        if (res.verdict == RULE_COMMIT)
+                manager_commit(m, &res);
+        else if (m->state.committed.epoch > 0 && manager_learn_nodes(m))
+                (void) manager_save_state(m);
+        m->last_rule = res;
+
+        if (m->state.committed.epoch > 0)
+                manager_evaluate_gate(m);
+        manager_update_warnings(m);
+        manager_send_status(m);
+
+        /* Newly discovered nodes are asked at once, a bounded number of
+         * times in a row, so a load-balancer-only start converges in one go. */
+        if (manager_refresh_targets(m) && discovery_rounds < MAX_DISCOVERY_ROUNDS) {
+                discovery_rounds++;
+                m->round_pending = true;
+        } else
+                discovery_rounds = 0;
+
+        if (m->once && !m->round_pending) {
+                manager_print_once_summary(m);
+                m->exit_code =
+                        m->state.committed.epoch > 0 && settings_writer_error(m->settings) == 0 ? 0 : 2;
+                (void) sd_event_exit(m->event, m->exit_code);
+                return;
+        }
+        if (m->round_pending)
+                manager_start_round(m);
+        else
+                manager_schedule_next(m);
+}
+
+/* ---- inputs ---- */
+
+static void on_broker_event(Broker *b, const char *routing_key, const void *body, size_t len,
+                            void *userdata) {
+        Manager *m = userdata;
+
+        m->counters.events++;
+        manager_request_round(m, routing_key);
+}
+
+static void on_broker_state(Broker *b, BrokerConnState state, const char *reason, void *userdata) {
+        Manager *m = userdata;
+
+        if (state == BROKER_DOWN) {
+                /* Lost: poll at once, then the fast-poll backoff (contract 4). */
+                m->fast_delay_usec = 0;
+                manager_request_round(m, "broker lost");
+        } else if (state == BROKER_CONNECTED && !poller_in_flight(m->poller)) {
+                /* Back to the steady interval, counted from now. */
+                m->fast_delay_usec = 0;
+                manager_schedule_next(m);
+        }
+        manager_send_status(m);
+}
+
+static void on_notify(NotifyServer *s, const char *peer, const char *summary, void *userdata) {
+        Manager *m = userdata;
+
+        m->counters.notifies++;
+        manager_request_round(m, "notify");
+}
+
+static json_t *on_status(NotifyServer *s, void *userdata) {
+        return manager_status_json(userdata);
+}
+
+static void on_updater_changed(Updater *u, void *userdata) {
+        Manager *m = userdata;
+
+        (void) manager_save_state(m);
+        (void) updater_read_installed(m->config, m->installed_version, sizeof(m->installed_version));
+        manager_send_status(m);
+}
+
+/* ---- signals and the watchdog ---- */
+
+static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        Manager *m = userdata;
+
+        log_info("Received %s, stopping", strsignal((int) si->ssi_signo));
+        (void) sd_notify(false, "STOPPING=1");
+        return sd_event_exit(m->event, 0);
+}
+
+static int manager_reload(Manager *m) {
+        char err[CONFIG_ERROR_MAX];
+        Config *new_cfg = NULL, *old_cfg = m->config;
+        int r;
+
+        (void) sd_notify(false, "RELOADING=1");
+        r = config_load(old_cfg->path, &new_cfg, err, sizeof(err));
+        if (r < 0) {
+                log_struct(LOG_ERR, 0, MID_CONFIG_REJECTED, &(LogFields){.reason = err},
+                           "Configuration rejected, keeping the old one: %s", err);
+                (void) sd_notify(false, "READY=1");
+                return r;
+        }
+
+        if (m->notify && notify_server_needs_restart(old_cfg, new_cfg)) {
+                m->notify = notify_server_free(m->notify);
+        }
+        m->config = new_cfg;
+        log_set_max_priority(new_cfg->log_level);
+        if (!m->notify && new_cfg->notify_enabled) {
+                r = notify_server_new(m->event, new_cfg,
+                                      &(NotifyCallbacks){.notify = on_notify, .status = on_status}, m,
+                                      &m->notify);
+                if (r < 0)
+                        log_error_errno(r, "Cannot open the notify listener %s", new_cfg->notify_listen);
+        } else if (m->notify)
+                (void) notify_server_reconfigure(m->notify, new_cfg);
+
+        /* A round in flight is dropped and restarted below with the new
+         * targets and token. */
+        poller_abort(m->poller);
+        (void) poller_reconfigure(m->poller, new_cfg);
+        (void) manager_refresh_targets(m);
+        (void) settings_writer_reconfigure(m->settings, new_cfg);
+        if (m->broker)
+                (void) broker_reconfigure(m->broker, new_cfg);
+        if (m->updater)
+                (void) updater_reconfigure(m->updater, new_cfg);
+        config_free(old_cfg);
+
+        log_info("Configuration reloaded from %s", new_cfg->path);
+        (void) sd_notify(false, "READY=1");
+        manager_start_round(m);
+        return 0;
+}
+
+static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        (void) manager_reload(userdata);
+        return 0;
+}
+
+static int on_watchdog(sd_event_source *s, uint64_t usec, void *userdata) {
+        Manager *m = userdata;
+
+        (void) sd_notify(false, "WATCHDOG=1");
+        (void) sd_event_source_set_time(s, usec + m->watchdog_usec / 2);
+        return 0;
+}
+
+static int manager_setup_watchdog(Manager *m) {
+        uint64_t usec = 0;
+        int r = sd_watchdog_enabled(false, &usec);
+
+        if (r <= 0 || usec == 0)
+                return 0;
+        m->watchdog_usec = usec;
+        r = sd_event_add_time(m->event, &m->watchdog_timer, CLOCK_MONOTONIC,
+                              now_usec(CLOCK_MONOTONIC) + usec / 2, usec / 20, on_watchdog, m);
+        if (r < 0)
+                return r;
+        return sd_event_source_set_enabled(m->watchdog_timer, SD_EVENT_ON);
+}
+
+/* ---- lifetime ---- */
+
+static int manager_load_state(Manager *m) {
+        char err[256];
+        int r = state_load(m->config->state_file, &m->state, err, sizeof(err));
+
+        if (r < 0)
+                return log_error_errno(r,
+                                       "Cannot use state file %s (%s); refusing to start rather than "
+                                       "forget the committed epoch. Inspect or remove it",
+                                       m->config->state_file, err[0] ? err : "unreadable");
+        if (m->state.committed.epoch > 0)
+                log_info("Restored primary %s at epoch %" PRIu64 " from %s", m->state.committed.primary.id,
+                         m->state.committed.epoch, m->config->state_file);
+        return 0;
+}
+
+static int manager_add_signals(Manager *m) {
+        sigset_t mask;
+        int r;
+
+        /* SIGPIPE: a peer closing a socket is an error return, not death. */
+        signal(SIGPIPE, SIG_IGN);
+        sigemptyset(&mask);
+        sigaddset(&mask, SIGTERM);
+        sigaddset(&mask, SIGINT);
+        sigaddset(&mask, SIGHUP);
+        sigaddset(&mask, SIGCHLD);
+        if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
+                return negative_errno();
+
+        r = sd_event_add_signal(m->event, &m->sigterm, SIGTERM, on_stop_signal, m);
+        if (r >= 0)
+                r = sd_event_add_signal(m->event, &m->sigint, SIGINT, on_stop_signal, m);
+        if (r >= 0)
+                r = sd_event_add_signal(m->event, &m->sighup, SIGHUP, on_sighup, m);
+        return r;
+}
+
+static int manager_add_modules(Manager *m) {
+        int r;
+
+        r = poller_new(m->event, m->config, &m->poller);
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the poller");
+        r = settings_writer_new(m->event, m->config, &m->settings);
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the settings writer");
+        if (m->once)
+                return 0;
+
+        r = broker_new(m->event, m->config,
+                       &(BrokerCallbacks){.event = on_broker_event, .state_changed = on_broker_state}, m,
+                       &m->broker);
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the broker connection");
+        if (m->config->notify_enabled) {
+                r = notify_server_new(m->event, m->config,
+                                      &(NotifyCallbacks){.notify = on_notify, .status = on_status}, m,
+                                      &m->notify);
+                if (r < 0)
+                        return log_error_errno(r, "Cannot open the notify listener %s",
+                                               m->config->notify_listen);
+        }
+        (void) updater_sweep(m->config);
+        r = updater_new(m->event, m->config, &m->state, on_updater_changed, m, &m->updater);
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the updater");
+        return 0;
+}
+
+int manager_new(Config *config, bool once, Manager **ret) {
+        Manager *m;
+        int r;
+
+        m = calloc(1, sizeof(*m));
+        if (!m) {
+                config_free(config);
+                return -ENOMEM;
+        }
+        m->config = config;
+        m->once = once;
+
+        r = sd_event_default(&m->event);
+        if (r < 0)
+                goto fail;
+        r = manager_add_signals(m);
+        if (r < 0)
+                goto fail;
+        r = manager_load_state(m);
+        if (r < 0)
+                goto fail;
+        r = manager_add_modules(m);
+        if (r < 0)
+                goto fail;
+        r = sd_event_add_time(m->event, &m->poll_timer, CLOCK_MONOTONIC, USEC_INFINITY, USEC_PER_MSEC,
+                              on_poll_timer, m);
+        if (r < 0)
+                goto fail;
+        (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_OFF);
+        if (!once) {
+                r = manager_setup_watchdog(m);
+                if (r < 0)
+                        goto fail;
+        }
+        (void) manager_refresh_targets(m);
+        *ret = m;
+        return 0;
+fail:
+        manager_free(m);
+        return r;
+}
+
+Manager *manager_free(Manager *m) {
+        if (!m)
+                return NULL;
+        sd_event_source_disable_unref(m->sigterm);
+        sd_event_source_disable_unref(m->sigint);
+        sd_event_source_disable_unref(m->sighup);
+        sd_event_source_disable_unref(m->poll_timer);
+        sd_event_source_disable_unref(m->watchdog_timer);
+        updater_free(m->updater);
+        notify_server_free(m->notify);
+        broker_free(m->broker);
+        settings_writer_free(m->settings);
+        poller_free(m->poller);
+        sd_event_unref(m->event);
+        config_free(m->config);
+        free(m);
+        return NULL;
+}
+
+int manager_run(Manager *m) {
+        const Committed *c = &m->state.committed;
+        int r;
+
+        /* A committed pair survives restarts: make the file and the broker
+         * connection match it before the first round answers. */
+        if (c->epoch > 0) {
+                (void) settings_writer_apply(m->settings, c);
+                if (m->broker)
+                        (void) broker_set_target(m->broker, &c->broker);
+        }
+        manager_start_round(m);
+        if (!m->once) {
+                (void) sd_notify(false, "READY=1");
+                manager_send_status(m);
+        }
+        r = sd_event_loop(m->event);
+        if (r < 0)
+                return log_error_errno(r, "Event loop failed");
+        return m->once ? m->exit_code : 0;
+}
