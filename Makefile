@@ -13,6 +13,7 @@ CC ?= cc
 PKG_CONFIG ?= pkg-config
 PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
+CHECK_FUZZ_TIME ?= 10
 
 LIBS_PKG := librabbitmq libcurl jansson libsystemd inih libmicrohttpd libcrypto
 CPPFLAGS += -Iinclude -D_GNU_SOURCE
@@ -52,17 +53,20 @@ $(BUILD)/dsm-agent-syncctl: $(CTL_OBJ)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 # A unit test links only the modules listed in its .deps file, so each one
-# builds on its own.
+# builds on its own. (A function, not a pattern: under second expansion a
+# literal % would be replaced by the stem.)
+unit_objs = $(patsubst %.c,$(BUILD)/%.o,$(shell cat tests/unit/test_$(1).deps))
+tool_objs = $(patsubst %.c,$(BUILD)/%.o,$(shell cat tests/tools/$(1).deps 2>/dev/null))
 .SECONDEXPANSION:
-$(BUILD)/tests/test_%: tests/unit/test_%.c $$(patsubst %.c,$(BUILD)/%.o,$$(shell cat tests/unit/test_$$*.deps))
+$(BUILD)/tests/test_%: tests/unit/test_%.c $$(call unit_objs,$$*)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(shell $(PKG_CONFIG) --libs cmocka)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.o,$^) $(LDLIBS) $(shell $(PKG_CONFIG) --libs cmocka)
 
-# Test and benchmark helper programs (probe, publisher): each links the
-# common objects it needs from its own .deps file.
-$(BUILD)/tests/%: tests/tools/%.c $$(patsubst %.c,$(BUILD)/%.o,$$(shell cat tests/tools/$$*.deps 2>/dev/null))
+# Test and benchmark helper programs (probe, publisher, drivers): each links
+# the modules listed in its own .deps file.
+$(BUILD)/tests/%: tests/tools/%.c $$(call tool_objs,$$*)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.o,$^) $(LDLIBS)
 
 deps:
 	@./tests/install-deps.sh
@@ -73,10 +77,37 @@ unit: $(UNIT_TESTS)
 integration: all $(TOOLS)
 	DSM_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
+# libFuzzer targets: tests/fuzz/fuzz_NAME.c + .deps, corpus in tests/fuzz/corpus/NAME/.
+FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_BIN := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(FUZZ_SRC))
+FUZZ_TIME ?= 60
+FUZZ_CFLAGS := -std=gnu11 -g -O1 -Iinclude -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
+               $(shell $(PKG_CONFIG) --cflags $(LIBS_PKG) 2>/dev/null)
+
+fuzz_srcs = $(shell cat tests/fuzz/fuzz_$(1).deps 2>/dev/null)
+build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c $$(call fuzz_srcs,$$*)
+	@mkdir -p build-fuzz
+	clang $(FUZZ_CFLAGS) -o $@ $(filter %.c,$^) $(LDLIBS)
+
+# Runs every fuzz target for FUZZ_TIME seconds each (make check: a short run).
+fuzz: $(FUZZ_BIN)
+	@set -e; for f in $(FUZZ_BIN); do \
+		n=$${f#build-fuzz/fuzz_}; mkdir -p build-fuzz/corpus-$$n; \
+		echo "== fuzz $$n ($(FUZZ_TIME)s)"; \
+		$$f -max_total_time=$(FUZZ_TIME) -print_final_stats=0 -close_fd_mask=3 \
+			build-fuzz/corpus-$$n tests/fuzz/corpus/$$n; \
+	done
+
+# The code is formatted by clang-format (.clang-format); the build checks it.
+format-check:
+	clang-format --dry-run --Werror $(wildcard agent/*.c common/*.c include/*.h tests/unit/*.c tests/tools/*.c tests/fuzz/*.c)
+
 check: deps
+	$(MAKE) format-check
 	$(MAKE) all $(TOOLS) $(UNIT_TESTS)
 	$(MAKE) unit
 	$(MAKE) integration
+	$(MAKE) fuzz FUZZ_TIME=$(CHECK_FUZZ_TIME)
 
 bench: deps
 	$(MAKE) all $(TOOLS)
@@ -90,9 +121,9 @@ install: all
 	install -m 0644 conf/agent-sync.ini $(DESTDIR)$(SYSCONFDIR)/dsm-agent-sync/agent-sync.ini
 
 clean:
-	rm -rf build build-san
+	rm -rf build build-san build-fuzz
 
-.PHONY: all deps unit integration check bench install clean
+.PHONY: all deps unit integration check bench install clean fuzz format-check
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
 

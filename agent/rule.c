@@ -1,0 +1,315 @@
+/* The Primary-following rule of contract section 3.
+ *
+ * Pure: one poll round's answers and the committed pair in, a verdict out.
+ * A round holds a handful of answers (the cluster has at most 4 nodes, the
+ * seed list a few more), so everything is done by rescanning the answers
+ * instead of building indexes: no allocation, no limits to overflow, and
+ * each question ("is this the node's newest answer?", "who is in P's
+ * cluster?") stays a small function. */
+
+#include <string.h>
+
+#include "macro.h"
+#include "rule.h"
+
+#ifndef streq
+#define streq(a, b) (strcmp((a), (b)) == 0)
+#endif
+
+/* One candidate pair (E', P') and what the round says about it. */
+typedef struct Candidate {
+        uint64_t epoch;
+        const char *primary_id;
+        bool by_primary;
+        unsigned supporters, cluster_size;
+        const ProviderState *source; /* where next's api_url and broker come from */
+} Candidate;
+
+static bool answer_counts(const RuleAnswer *a) {
+        /* The load balancer answers from any node: discovery only. */
+        return a->ok && !a->via_load_balancer && a->state;
+}
+
+/* The answer of a node that counts, or NULL. A node asked at two URLs counts
+ * once: its answer with the highest epoch wins (the first one on a tie), so
+ * that a lagging copy cannot vote twice or outvote the fresh one. */
+static const ProviderState *canonical(const RuleAnswer *answers, size_t n, size_t i) {
+        const ProviderState *s;
+
+        if (!answer_counts(&answers[i]))
+                return NULL;
+        s = answers[i].state;
+        for (size_t j = 0; j < n; j++) {
+                const ProviderState *o;
+
+                if (j == i || !answer_counts(&answers[j]))
+                        continue;
+                o = answers[j].state;
+                if (!streq(o->node.id, s->node.id))
+                        continue;
+                if (o->epoch > s->epoch || (o->epoch == s->epoch && j < i))
+                        return NULL;
+        }
+        return s;
+}
+
+static bool reports(const ProviderState *s, uint64_t epoch, const char *primary_id) {
+        return s->epoch == epoch && streq(s->primary.id, primary_id);
+}
+
+static bool claims_primary_at(const ProviderState *s, uint64_t epoch) {
+        return s->role == NODE_ROLE_PRIMARY && s->epoch == epoch;
+}
+
+/* The ids a node names as its cluster: itself first, then its nodes list.
+ * Position 0 is node.id, position k+1 is nodes[k]. */
+static const char *member_id(const ProviderState *s, size_t pos) {
+        return pos == 0 ? s->node.id : s->nodes[pos - 1].id;
+}
+
+static size_t member_count(const ProviderState *s) {
+        return 1 + s->n_nodes;
+}
+
+static bool members_contain(const ProviderState *s, const char *id, size_t upto) {
+        for (size_t pos = 0; pos < upto && pos < member_count(s); pos++)
+                if (streq(member_id(s, pos), id))
+                        return true;
+        return false;
+}
+
+/* Has `id` been seen earlier in the cluster of (epoch, primary_id): in the
+ * members of an earlier reporting answer, or earlier in answer i's own? */
+static bool seen_before(const RuleAnswer *answers, size_t n, const Candidate *c, size_t i, size_t pos) {
+        const char *id = member_id(answers[i].state, pos);
+
+        for (size_t j = 0; j < i; j++) {
+                const ProviderState *s = canonical(answers, n, j);
+                if (s && reports(s, c->epoch, c->primary_id) && members_contain(s, id, SIZE_MAX))
+                        return true;
+        }
+        return members_contain(answers[i].state, id, pos);
+}
+
+/* P''s cluster: the union of the nodes lists of every answer reporting
+ * (E', P'), plus the reporting nodes themselves. */
+static unsigned cluster_size(const RuleAnswer *answers, size_t n, const Candidate *c) {
+        unsigned size = 0;
+
+        for (size_t i = 0; i < n; i++) {
+                const ProviderState *s = canonical(answers, n, i);
+
+                if (!s || !reports(s, c->epoch, c->primary_id))
+                        continue;
+                for (size_t pos = 0; pos < member_count(s); pos++)
+                        if (!seen_before(answers, n, c, i, pos))
+                                size++;
+        }
+        return size;
+}
+
+/* How many supporters report the same primary api_url and broker as s. */
+static unsigned agreeing(const RuleAnswer *answers, size_t n, const Candidate *c, const ProviderState *s) {
+        unsigned count = 0;
+
+        for (size_t i = 0; i < n; i++) {
+                const ProviderState *o = canonical(answers, n, i);
+
+                if (o && reports(o, c->epoch, c->primary_id) &&
+                    streq(o->primary.api_url, s->primary.api_url) &&
+                    broker_info_equal(&o->broker, &s->broker))
+                        count++;
+        }
+        return count;
+}
+
+/* Fills in everything the round says about (epoch, primary_id). The source of
+ * the broker settings is P' itself when it answered; otherwise the version
+ * most supporters agree on (lagging Standbys may still carry an older one). */
+static void candidate_evaluate(const RuleAnswer *answers, size_t n, Candidate *c) {
+        unsigned best_agree = 0;
+
+        for (size_t i = 0; i < n; i++) {
+                const ProviderState *s = canonical(answers, n, i);
+                unsigned agree;
+
+                if (!s || !reports(s, c->epoch, c->primary_id))
+                        continue;
+                c->supporters++;
+                if (streq(s->node.id, c->primary_id) && s->role == NODE_ROLE_PRIMARY) {
+                        c->by_primary = true;
+                        c->source = s;
+                        best_agree = UINT32_MAX;
+                        continue;
+                }
+                agree = agreeing(answers, n, c, s);
+                if (agree > best_agree) {
+                        best_agree = agree;
+                        c->source = s;
+                }
+        }
+        c->cluster_size = cluster_size(answers, n, c);
+}
+
+static bool candidate_confirmed(const Candidate *c) {
+        return c->by_primary || 2 * c->supporters > c->cluster_size;
+}
+
+/* Is answer i the first one to name its (epoch, primary) pair? */
+static bool first_of_pair(const RuleAnswer *answers, size_t n, size_t i) {
+        const ProviderState *s = answers[i].state;
+
+        for (size_t j = 0; j < i; j++) {
+                const ProviderState *o = canonical(answers, n, j);
+                if (o && reports(o, s->epoch, s->primary.id))
+                        return false;
+        }
+        return true;
+}
+
+/* Another node than primary_id claiming primary at epoch: one answering
+ * role=primary there, or another confirmed candidate pair at that epoch. */
+static const char *find_rival(const RuleAnswer *answers, size_t n, uint64_t epoch, const char *primary_id) {
+        for (size_t i = 0; i < n; i++) {
+                const ProviderState *s = canonical(answers, n, i);
+                if (s && claims_primary_at(s, epoch) && !streq(s->node.id, primary_id))
+                        return s->node.id;
+        }
+        for (size_t i = 0; i < n; i++) {
+                const ProviderState *s = canonical(answers, n, i);
+                Candidate c = {.epoch = epoch};
+
+                if (!s || s->epoch != epoch || streq(s->primary.id, primary_id) ||
+                    !first_of_pair(answers, n, i))
+                        continue;
+                c.primary_id = s->primary.id;
+                candidate_evaluate(answers, n, &c);
+                if (candidate_confirmed(&c))
+                        return s->primary.id;
+        }
+        return NULL;
+}
+
+/* The highest confirmed candidate above the committed epoch (false: none).
+ * *ret_unconfirmed gets the highest one that is not confirmed, for logs. */
+static bool best_candidate(const Committed *current, const RuleAnswer *answers, size_t n, Candidate *ret,
+                           Candidate *ret_unconfirmed) {
+        bool found = false;
+
+        for (size_t i = 0; i < n; i++) {
+                const ProviderState *s = canonical(answers, n, i);
+                Candidate c = {};
+
+                if (!s || s->epoch <= current->epoch || !first_of_pair(answers, n, i))
+                        continue;
+                c.epoch = s->epoch;
+                c.primary_id = s->primary.id;
+                candidate_evaluate(answers, n, &c);
+                if (!candidate_confirmed(&c)) {
+                        if (c.epoch > ret_unconfirmed->epoch)
+                                *ret_unconfirmed = c;
+                        continue;
+                }
+                if (!found || c.epoch > ret->epoch) {
+                        *ret = c;
+                        found = true;
+                }
+        }
+        return found;
+}
+
+static void set_conflict(RuleResult *r, uint64_t epoch, const char *a, const char *b) {
+        /* Sorted, so that the same conflict always reads the same in logs. */
+        if (strcmp(a, b) > 0) {
+                const char *t = a;
+                a = b;
+                b = t;
+        }
+        r->conflict = true;
+        r->conflict_epoch = epoch;
+        strscpy(r->conflict_a, sizeof(r->conflict_a), a);
+        strscpy(r->conflict_b, sizeof(r->conflict_b), b);
+}
+
+static void commit_from(RuleResult *r, uint64_t epoch, const ProviderState *s, RuleConfirmation how) {
+        r->verdict = RULE_COMMIT;
+        r->confirmation = how;
+        r->next.epoch = epoch;
+        r->next.primary = s->primary;
+        r->next.broker = s->broker;
+}
+
+/* The same pair with new broker fields (or a new api_url): only P itself,
+ * answering as primary at the committed epoch, can tell us. */
+static void check_same_pair(const Committed *current, const RuleAnswer *answers, size_t n, RuleResult *r) {
+        const char *rival;
+
+        if (current->epoch == 0)
+                return;
+        rival = find_rival(answers, n, current->epoch, current->primary.id);
+        if (rival) {
+                set_conflict(r, current->epoch, current->primary.id, rival);
+                return;
+        }
+        for (size_t i = 0; i < n; i++) {
+                const ProviderState *s = canonical(answers, n, i);
+
+                if (!s || !streq(s->node.id, current->primary.id) || !claims_primary_at(s, current->epoch) ||
+                    !reports(s, current->epoch, current->primary.id))
+                        continue;
+                if (broker_info_equal(&s->broker, &current->broker) &&
+                    streq(s->primary.api_url, current->primary.api_url))
+                        return;
+                commit_from(r, current->epoch, s, RULE_CONFIRMED_BY_PRIMARY);
+                r->broker_only = true;
+                return;
+        }
+}
+
+/* Every node answering role=primary below the resulting epoch: an old
+ * Primary that came back. Reported, never followed. */
+static void collect_stale(const RuleAnswer *answers, size_t n, uint64_t epoch, RuleResult *r) {
+        for (size_t i = 0; i < n && r->n_stale < RULE_MAX_STALE; i++) {
+                const ProviderState *s = canonical(answers, n, i);
+
+                if (!s || s->role != NODE_ROLE_PRIMARY || s->epoch >= epoch)
+                        continue;
+                strscpy(r->stale[r->n_stale].node_id, sizeof(r->stale[r->n_stale].node_id), s->node.id);
+                r->stale[r->n_stale].epoch = s->epoch;
+                r->n_stale++;
+        }
+}
+
+void rule_evaluate(const Committed *current, const RuleAnswer *answers, size_t n_answers, RuleResult *ret) {
+        Candidate best = {}, unconfirmed = {};
+        const char *rival;
+
+        *ret = (RuleResult){.verdict = RULE_KEEP};
+
+        if (best_candidate(current, answers, n_answers, &best, &unconfirmed)) {
+                ret->supporters = best.supporters;
+                ret->cluster_size = best.cluster_size;
+                rival = find_rival(answers, n_answers, best.epoch, best.primary_id);
+                if (rival) {
+                        ret->verdict = RULE_CONFLICT;
+                        set_conflict(ret, best.epoch, best.primary_id, rival);
+                } else
+                        commit_from(ret, best.epoch, best.source,
+                                    best.by_primary ? RULE_CONFIRMED_BY_PRIMARY
+                                                    : RULE_CONFIRMED_BY_MAJORITY);
+        } else {
+                ret->supporters = unconfirmed.supporters;
+                ret->cluster_size = unconfirmed.cluster_size;
+        }
+
+        if (ret->verdict == RULE_KEEP)
+                check_same_pair(current, answers, n_answers, ret);
+
+        collect_stale(answers, n_answers, ret->verdict == RULE_COMMIT ? ret->next.epoch : current->epoch,
+                      ret);
+}
+
+bool committed_equal(const Committed *a, const Committed *b) {
+        return a->epoch == b->epoch && streq(a->primary.id, b->primary.id) &&
+               streq(a->primary.api_url, b->primary.api_url) && broker_info_equal(&a->broker, &b->broker);
+}
