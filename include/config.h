@@ -10,11 +10,11 @@
 
 #include "log.h"
 
-#define CONFIG_DEFAULT_PATH "/etc/dsm-agent-sync/agent-sync.ini"
+#define CONFIG_DEFAULT_PATH  "/etc/dsm-agent-sync/agent-sync.ini"
 #define CONFIG_MAX_ENDPOINTS 16
-#define CONFIG_MAX_ALLOW 32
-#define CONFIG_MAX_ARGV 32
-#define CONFIG_ERROR_MAX 512
+#define CONFIG_MAX_ALLOW     32
+#define CONFIG_MAX_ARGV      32
+#define CONFIG_ERROR_MAX     512
 
 typedef uint64_t usec_t;
 
@@ -34,23 +34,23 @@ typedef struct Config {
         char *load_balancer;  /* NULL when unset */
         char *provider_token; /* contents of token_file, trimmed; NULL when unset */
         char *provider_token_file;
-        char *provider_ca_file; /* NULL: system store */
-        usec_t poll_interval;   /* default 30s */
-        double poll_jitter;     /* default 0.2, 0 <= x < 1 */
+        char *provider_ca_file;    /* NULL: system store */
+        usec_t poll_interval;      /* default 30s */
+        double poll_jitter;        /* default 0.2, 0 <= x < 1 */
         usec_t fast_poll_interval; /* default 500ms, <= poll_interval */
         usec_t request_timeout;    /* default 5s */
 
         /* [broker] */
-        char *broker_username;      /* default "guest" */
-        char *broker_password;      /* contents of password_file; "guest" when unset */
+        char *broker_username; /* default "guest" */
+        char *broker_password; /* contents of password_file; "guest" when unset */
         char *broker_password_file;
-        char *exchange;             /* default dsm.provider.events */
-        usec_t heartbeat;           /* default 10s; 0 disables */
-        char *broker_ca_file;       /* NULL: system store */
-        char *settings_file;        /* default /etc/dsm-agent/rabbitmq.ini */
-        mode_t settings_mode;       /* default 0640 */
-        char **on_change_argv;      /* NULL-terminated; NULL when unset/empty */
-        usec_t on_change_timeout;   /* default 30s */
+        char *exchange;           /* default dsm.provider.events */
+        usec_t heartbeat;         /* default 10s; 0 disables */
+        char *broker_ca_file;     /* NULL: system store */
+        char *settings_file;      /* default /etc/dsm-agent/rabbitmq.ini */
+        mode_t settings_mode;     /* default 0640 */
+        char **on_change_argv;    /* NULL-terminated; NULL when unset/empty */
+        usec_t on_change_timeout; /* default 30s */
 
         /* [notify] */
         bool notify_enabled; /* false when listen = off */
@@ -58,22 +58,22 @@ typedef struct Config {
         struct sockaddr_storage notify_addr;
         socklen_t notify_addrlen;
         Cidr allow[CONFIG_MAX_ALLOW];
-        size_t n_allow; /* default: 127.0.0.0/8, ::1/128 */
+        size_t n_allow;     /* default: 127.0.0.0/8, ::1/128 */
         char *notify_token; /* contents of token_file; NULL when unset */
         char *notify_token_file;
         char *tls_cert; /* both set: HTTPS */
         char *tls_key;
 
         /* [update] */
-        bool update_enabled; /* default true */
+        bool update_enabled;    /* default true */
         unsigned stable_rounds; /* default 2, >= 1 */
         usec_t max_delay;       /* default 5m */
         bool window_set;
         unsigned window_start_min; /* minutes after 00:00 UTC */
         unsigned window_end_min;
-        char *window; /* as written, "HH:MM-HH:MM"; NULL when unset */
-        char *agent_version_file; /* default /etc/dsm-agent/VERSION */
-        char *download_dir;       /* default /var/lib/dsm-agent-sync/updates */
+        char *window;               /* as written, "HH:MM-HH:MM"; NULL when unset */
+        char *agent_version_file;   /* default /etc/dsm-agent/VERSION */
+        char *download_dir;         /* default /var/lib/dsm-agent-sync/updates */
         char **update_command_argv; /* NULL-terminated; default /usr/lib/dsm-agent-sync/apply-update */
         usec_t command_timeout;     /* default 10m */
 
@@ -84,14 +84,18 @@ typedef struct Config {
 } Config;
 
 /* Parses and validates FILE. On success *ret owns a new Config and 0 is
- * returned. On failure returns a negative errno (-EINVAL for content
- * errors, -ENOENT etc. for I/O) and writes "FILE:LINE: message" into err
- * (LINE is 0 when the problem is not tied to one line, such as a missing
- * required key or an unreadable secret file). */
+ * returned. On failure *ret is untouched, a negative errno is returned
+ * (-EINVAL for content errors, -ENOENT etc. for I/O, also of a secret file)
+ * and "FILE:LINE: message" is written into err (the first error only; LINE
+ * is the line of the offending key, also for an empty or unreadable secret
+ * file, and 0 when the problem is not tied to one line, such as a missing
+ * required key or an unopenable FILE). Secrets never appear in err.
+ * on_change and command must name an absolute program (no PATH search). */
 int config_load(const char *path, Config **ret, char *err, size_t errlen);
 Config *config_free(Config *c);
 
-/* "30s", "500ms", "5m", "1h", "10" (seconds). -EINVAL/-ERANGE on error. */
+/* "30s", "500ms", "5m", "1h", "10" (seconds); integers only. -EINVAL on
+ * garbage, -ERANGE above 366 days (so now + duration never overflows). */
 int parse_duration(const char *s, usec_t *ret);
 /* "10.0.0.0/8", "::1", "192.168.1.1" (a host is a /32 or /128). */
 int parse_cidr(const char *s, Cidr *ret);

@@ -1,0 +1,1005 @@
+/* Configuration: the INI file of contract section 2 into a validated Config.
+ *
+ * inih does the INI syntax; this file does everything else. A custom reader
+ * sits between the file and inih so that we know the line of every key
+ * (Debian's inih 55 handler has no line argument), see section headers even
+ * when the section is empty, and refuse NUL and control bytes. */
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <fcntl.h>
+#include <ini.h>
+#include <limits.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <sys/stat.h>
+
+#include "config.h"
+#include "macro.h"
+
+#define MAX_LINE               65536 /* longest accepted line, bytes */
+#define MAX_URL                2048  /* contract: URLs at most 2048 bytes */
+#define MAX_SECRET             4096  /* a token or password file, bytes */
+#define MAX_STABLE_ROUNDS      1000  /* more would hold updates forever */
+#define MAX_DURATION           (366ULL * 24 * 3600 * USEC_PER_SEC)
+#define DEFAULT_UPDATE_COMMAND "/usr/lib/dsm-agent-sync/apply-update"
+
+typedef enum KeyType {
+        KEY_URL_LIST,
+        KEY_URL,
+        KEY_SECRET,
+        KEY_PATH,      /* non-empty string */
+        KEY_PATH_OPT,  /* empty value: unset */
+        KEY_STRING,    /* non-empty, no whitespace */
+        KEY_DURATION,  /* > 0 */
+        KEY_DURATION0, /* >= 0 */
+        KEY_JITTER,
+        KEY_MODE,
+        KEY_ARGV,
+        KEY_LISTEN,
+        KEY_ALLOW,
+        KEY_BOOL,
+        KEY_ROUNDS,
+        KEY_WINDOW,
+        KEY_LOG_LEVEL,
+        KEY_LOG_TARGET,
+} KeyType;
+
+typedef struct KeyDef {
+        const char *section;
+        const char *name;
+        KeyType type;
+        size_t offset;  /* the field written */
+        size_t offset2; /* KEY_SECRET: where the secret goes */
+} KeyDef;
+
+#define F(field) offsetof(Config, field)
+
+static const KeyDef keys[] = {
+        {"provider", "endpoints", KEY_URL_LIST, 0, 0},
+        {"provider", "load_balancer", KEY_URL, F(load_balancer), 0},
+        {"provider", "token_file", KEY_SECRET, F(provider_token_file), F(provider_token)},
+        {"provider", "ca_file", KEY_PATH_OPT, F(provider_ca_file), 0},
+        {"provider", "poll_interval", KEY_DURATION, F(poll_interval), 0},
+        {"provider", "poll_jitter", KEY_JITTER, F(poll_jitter), 0},
+        {"provider", "fast_poll_interval", KEY_DURATION, F(fast_poll_interval), 0},
+        {"provider", "request_timeout", KEY_DURATION, F(request_timeout), 0},
+        {"broker", "username", KEY_STRING, F(broker_username), 0},
+        {"broker", "password_file", KEY_SECRET, F(broker_password_file), F(broker_password)},
+        {"broker", "exchange", KEY_STRING, F(exchange), 0},
+        {"broker", "heartbeat", KEY_DURATION0, F(heartbeat), 0},
+        {"broker", "ca_file", KEY_PATH_OPT, F(broker_ca_file), 0},
+        {"broker", "settings_file", KEY_PATH, F(settings_file), 0},
+        {"broker", "settings_mode", KEY_MODE, F(settings_mode), 0},
+        {"broker", "on_change", KEY_ARGV, F(on_change_argv), 0},
+        {"broker", "on_change_timeout", KEY_DURATION, F(on_change_timeout), 0},
+        {"notify", "listen", KEY_LISTEN, 0, 0},
+        {"notify", "allow", KEY_ALLOW, 0, 0},
+        {"notify", "token_file", KEY_SECRET, F(notify_token_file), F(notify_token)},
+        {"notify", "tls_cert", KEY_PATH_OPT, F(tls_cert), 0},
+        {"notify", "tls_key", KEY_PATH_OPT, F(tls_key), 0},
+        {"update", "enabled", KEY_BOOL, F(update_enabled), 0},
+        {"update", "stable_rounds", KEY_ROUNDS, F(stable_rounds), 0},
+        {"update", "max_delay", KEY_DURATION0, F(max_delay), 0},
+        {"update", "window", KEY_WINDOW, 0, 0},
+        {"update", "agent_version_file", KEY_PATH, F(agent_version_file), 0},
+        {"update", "download_dir", KEY_PATH, F(download_dir), 0},
+        {"update", "command", KEY_ARGV, F(update_command_argv), 0},
+        {"update", "command_timeout", KEY_DURATION, F(command_timeout), 0},
+        {"daemon", "state_file", KEY_PATH, F(state_file), 0},
+        {"daemon", "log_level", KEY_LOG_LEVEL, F(log_level), 0},
+        {"daemon", "log_target", KEY_LOG_TARGET, F(log_target), 0},
+};
+
+static const char *const sections[] = {"provider", "broker", "notify", "update", "daemon"};
+
+typedef struct Parser {
+        Config *c;
+        FILE *f;
+        char *buf; /* getline buffer */
+        size_t bufsize;
+        unsigned line;                   /* line inih is processing */
+        unsigned seen[ELEMENTSOF(keys)]; /* line of each key, 0: absent */
+        int r;                           /* first error, 0: none */
+        unsigned err_line;
+        char *err;
+        size_t errlen;
+} Parser;
+
+static void *field(Config *c, size_t offset) {
+        return (char *) c + offset;
+}
+
+/* Records the first error only: later ones are usually consequences. */
+_printf_(4, 5) static int fail(Parser *p, unsigned line, int r, const char *fmt, ...) {
+        char msg[CONFIG_ERROR_MAX];
+        va_list ap;
+
+        if (p->r != 0)
+                return p->r;
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        va_end(ap);
+        if (p->err && p->errlen > 0)
+                snprintf(p->err, p->errlen, "%s:%u: %s", p->c->path, line, msg);
+        p->r = r;
+        p->err_line = line;
+        return r;
+}
+
+static char *strip(char *s) {
+        size_t n;
+
+        while (*s == ' ' || *s == '\t')
+                s++;
+        n = strlen(s);
+        while (n > 0 && isspace((unsigned char) s[n - 1]))
+                s[--n] = 0;
+        return s;
+}
+
+static bool has_space_or_control(const char *s) {
+        for (; *s; s++)
+                if (isspace((unsigned char) *s) || iscntrl((unsigned char) *s))
+                        return true;
+        return false;
+}
+
+static char *secret_free(char *s) {
+        if (s) {
+                explicit_bzero(s, strlen(s));
+                free(s);
+        }
+        return NULL;
+}
+
+static char **argv_free(char **argv) {
+        if (!argv)
+                return NULL;
+        for (char **a = argv; *a; a++)
+                free(*a);
+        free(argv);
+        return NULL;
+}
+
+/* ---- value parsers shared with other modules ---- */
+
+int parse_duration(const char *s, usec_t *ret) {
+        static const struct {
+                const char *suffix;
+                uint64_t mult;
+        } units[] = {
+                {"ms", USEC_PER_MSEC},      {"s", USEC_PER_SEC}, {"m", 60 * USEC_PER_SEC},
+                {"h", 3600 * USEC_PER_SEC}, {"", USEC_PER_SEC},
+        };
+        unsigned long long v;
+        char *end;
+
+        if (!s || !isdigit((unsigned char) s[0])) /* also refuses "-1", " 1", "" */
+                return -EINVAL;
+        errno = 0;
+        v = strtoull(s, &end, 10);
+        if (errno == ERANGE)
+                return -ERANGE;
+        for (size_t i = 0; i < ELEMENTSOF(units); i++) {
+                if (!streq_ptr(end, units[i].suffix))
+                        continue;
+                if (v > MAX_DURATION / units[i].mult)
+                        return -ERANGE;
+                *ret = v * units[i].mult;
+                return 0;
+        }
+        return -EINVAL;
+}
+
+static int parse_port(const char *s, uint16_t *ret) {
+        unsigned long v;
+        char *end;
+
+        if (!isdigit((unsigned char) s[0]) || strlen(s) > 5)
+                return -EINVAL;
+        v = strtoul(s, &end, 10);
+        if (*end || v > 65535)
+                return -EINVAL;
+        *ret = (uint16_t) v;
+        return 0;
+}
+
+int parse_listen_address(const char *s, struct sockaddr_storage *ret, socklen_t *ret_len) {
+        char host[INET6_ADDRSTRLEN + 2];
+        const char *colon;
+        uint16_t port;
+        size_t n;
+
+        if (!s)
+                return -EINVAL;
+        colon = strrchr(s, ':');
+        if (!colon || parse_port(colon + 1, &port) < 0)
+                return -EINVAL;
+        n = (size_t) (colon - s);
+        if (n == 0 || n >= sizeof(host))
+                return -EINVAL;
+        memcpy(host, s, n);
+        host[n] = 0;
+
+        memset(ret, 0, sizeof(*ret));
+        if (host[0] == '[') {
+                struct sockaddr_in6 *sa6 = (struct sockaddr_in6 *) ret;
+
+                if (n < 3 || host[n - 1] != ']')
+                        return -EINVAL;
+                host[n - 1] = 0;
+                if (inet_pton(AF_INET6, host + 1, &sa6->sin6_addr) != 1)
+                        return -EINVAL;
+                sa6->sin6_family = AF_INET6;
+                sa6->sin6_port = htons(port);
+                *ret_len = sizeof(*sa6);
+        } else {
+                struct sockaddr_in *sa4 = (struct sockaddr_in *) ret;
+
+                if (inet_pton(AF_INET, host, &sa4->sin_addr) != 1)
+                        return -EINVAL;
+                sa4->sin_family = AF_INET;
+                sa4->sin_port = htons(port);
+                *ret_len = sizeof(*sa4);
+        }
+        return 0;
+}
+
+int parse_cidr(const char *s, Cidr *ret) {
+        char addr[INET6_ADDRSTRLEN];
+        const char *slash;
+        unsigned long maxlen, len;
+        Cidr c = {};
+        size_t n;
+
+        if (!s)
+                return -EINVAL;
+        slash = strchr(s, '/');
+        n = slash ? (size_t) (slash - s) : strlen(s);
+        if (n == 0 || n >= sizeof(addr))
+                return -EINVAL;
+        memcpy(addr, s, n);
+        addr[n] = 0;
+
+        if (inet_pton(AF_INET, addr, c.addr) == 1) {
+                c.family = AF_INET;
+                maxlen = 32;
+        } else if (inet_pton(AF_INET6, addr, c.addr) == 1) {
+                c.family = AF_INET6;
+                maxlen = 128;
+        } else
+                return -EINVAL;
+
+        len = maxlen;
+        if (slash) {
+                char *end;
+
+                if (!isdigit((unsigned char) slash[1]) || strlen(slash + 1) > 3)
+                        return -EINVAL;
+                len = strtoul(slash + 1, &end, 10);
+                if (*end || len > maxlen)
+                        return -EINVAL;
+        }
+        c.prefixlen = (unsigned) len;
+
+        /* Keep the network address only, so matching is a plain compare. */
+        for (unsigned bit = c.prefixlen; bit < maxlen; bit++)
+                c.addr[bit / 8] &= (uint8_t) ~(0x80u >> (bit % 8));
+        *ret = c;
+        return 0;
+}
+
+static bool cidr_match(const Cidr *c, int family, const uint8_t *addr) {
+        unsigned full = c->prefixlen / 8, rest = c->prefixlen % 8;
+
+        if (c->family != family)
+                return false;
+        if (memcmp(c->addr, addr, full) != 0)
+                return false;
+        if (rest == 0)
+                return true;
+        return ((c->addr[full] ^ addr[full]) & (uint8_t) (0xff00u >> rest)) == 0;
+}
+
+bool cidr_list_contains(const Cidr *list, size_t n, const struct sockaddr *sa) {
+        static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        uint8_t v4[4], v6[16];
+        bool have_v4 = false, have_v6 = false;
+
+        if (!sa)
+                return false;
+        if (sa->sa_family == AF_INET) {
+                memcpy(v4, &((const struct sockaddr_in *) sa)->sin_addr, 4);
+                memcpy(v6, v4mapped, 12);
+                memcpy(v6 + 12, v4, 4);
+                have_v4 = have_v6 = true;
+        } else if (sa->sa_family == AF_INET6) {
+                memcpy(v6, &((const struct sockaddr_in6 *) sa)->sin6_addr, 16);
+                have_v6 = true;
+                /* A dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d. */
+                if (memcmp(v6, v4mapped, 12) == 0) {
+                        memcpy(v4, v6 + 12, 4);
+                        have_v4 = true;
+                }
+        } else
+                return false;
+
+        for (size_t i = 0; i < n; i++)
+                if ((have_v4 && cidr_match(&list[i], AF_INET, v4)) ||
+                    (have_v6 && cidr_match(&list[i], AF_INET6, v6)))
+                        return true;
+        return false;
+}
+
+/* ---- helpers for the keys ---- */
+
+static int split_argv(const char *s, char ***ret) {
+        char **argv;
+        size_t n = 0;
+
+        argv = calloc(CONFIG_MAX_ARGV + 1, sizeof(char *));
+        if (!argv)
+                return -ENOMEM;
+        while (*s) {
+                size_t len;
+
+                if (isspace((unsigned char) *s)) {
+                        s++;
+                        continue;
+                }
+                if (n == CONFIG_MAX_ARGV) {
+                        argv_free(argv);
+                        return -E2BIG;
+                }
+                len = strcspn(s, " \t\r\n\v\f");
+                argv[n] = strndup(s, len);
+                if (!argv[n++]) {
+                        argv_free(argv);
+                        return -ENOMEM;
+                }
+                s += len;
+        }
+        if (n == 0) {
+                free(argv);
+                *ret = NULL;
+                return 0;
+        }
+        *ret = argv;
+        return 0;
+}
+
+/* Reads the first line of a secret file; refuses an empty one. The secret
+ * never reaches an error message. */
+static int read_secret(const char *path, char **ret) {
+        _cleanup_(closep) int fd = -1;
+        char buf[MAX_SECRET + 1];
+        size_t n = 0;
+        struct stat st;
+
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+                return negative_errno();
+        if (fstat(fd, &st) < 0)
+                return negative_errno();
+        if (!S_ISREG(st.st_mode))
+                return -EINVAL;
+        while (n < sizeof(buf) - 1) {
+                ssize_t k = read(fd, buf + n, sizeof(buf) - 1 - n);
+
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k < 0) {
+                        explicit_bzero(buf, sizeof(buf));
+                        return negative_errno();
+                }
+                if (k == 0)
+                        break;
+                n += (size_t) k;
+        }
+        buf[n] = 0;
+        buf[strcspn(buf, "\n")] = 0;
+        n = strlen(buf);
+        while (n > 0 && isspace((unsigned char) buf[n - 1]))
+                buf[--n] = 0;
+        if (n == 0) {
+                explicit_bzero(buf, sizeof(buf));
+                return -ENODATA;
+        }
+        *ret = strdup(buf);
+        explicit_bzero(buf, sizeof(buf));
+        return *ret ? 0 : -ENOMEM;
+}
+
+static int set_string(Parser *p, char **dst, const char *value) {
+        char *s = NULL;
+
+        if (value) {
+                s = strdup(value);
+                if (!s)
+                        return fail(p, p->line, -ENOMEM, "out of memory");
+        }
+        free(*dst);
+        *dst = s;
+        return 0;
+}
+
+/* Validates one URL in place (strips trailing '/'); 0 or an error. */
+static int check_url(Parser *p, const char *key, char *url) {
+        size_t n = strlen(url);
+        size_t scheme = strncasecmp(url, "https://", 8) == 0  ? 8
+                        : strncasecmp(url, "http://", 7) == 0 ? 7
+                                                              : 0;
+        const char *host = url + scheme;
+
+        while (n > scheme && url[n - 1] == '/')
+                url[--n] = 0;
+        if (n > MAX_URL)
+                return fail(p, p->line, -EINVAL, "%s: URL longer than %d bytes", key, MAX_URL);
+        if (has_space_or_control(url))
+                return fail(p, p->line, -EINVAL, "%s: URL '%.80s' contains whitespace", key, url);
+        if (scheme == 0)
+                return fail(p, p->line, -EINVAL, "%s: URL '%.80s' must start with http:// or https://", key,
+                            url);
+        if (*host == 0 || *host == '/' || *host == ':')
+                return fail(p, p->line, -EINVAL, "%s: URL '%.80s' has no host", key, url);
+        return 0;
+}
+
+/* Calls fn for every comma-separated element, trimmed; refuses empty ones. */
+static int for_each_item(Parser *p, const char *key, const char *value, int (*fn)(Parser *, char *)) {
+        _cleanup_(freep) char *copy = strdup(value);
+        char *item, *next;
+
+        if (!copy)
+                return fail(p, p->line, -ENOMEM, "out of memory");
+        for (item = copy; item; item = next) {
+                int r;
+
+                next = strchr(item, ',');
+                if (next)
+                        *next++ = 0;
+                item = strip(item);
+                if (*item == 0)
+                        return fail(p, p->line, -EINVAL, "%s: empty element in list", key);
+                r = fn(p, item);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+static int add_endpoint(Parser *p, char *url) {
+        Config *c = p->c;
+        int r;
+
+        r = check_url(p, "endpoints", url);
+        if (r < 0)
+                return r;
+        if (c->n_endpoints >= CONFIG_MAX_ENDPOINTS)
+                return fail(p, p->line, -EINVAL, "endpoints: more than %d URLs", CONFIG_MAX_ENDPOINTS);
+        for (size_t i = 0; i < c->n_endpoints; i++)
+                if (strcasecmp(c->endpoints[i], url) == 0)
+                        return fail(p, p->line, -EINVAL, "endpoints: '%.80s' listed twice", url);
+        c->endpoints[c->n_endpoints] = strdup(url);
+        if (!c->endpoints[c->n_endpoints])
+                return fail(p, p->line, -ENOMEM, "out of memory");
+        c->n_endpoints++;
+        return 0;
+}
+
+static int add_allow(Parser *p, char *item) {
+        Config *c = p->c;
+        Cidr cidr;
+
+        if (parse_cidr(item, &cidr) < 0)
+                return fail(p, p->line, -EINVAL, "allow: invalid network '%.80s' (want CIDR or address)",
+                            item);
+        if (c->n_allow >= CONFIG_MAX_ALLOW)
+                return fail(p, p->line, -EINVAL, "allow: more than %d networks", CONFIG_MAX_ALLOW);
+        c->allow[c->n_allow++] = cidr;
+        return 0;
+}
+
+static int parse_bool(const char *s) {
+        static const char *const yes[] = {"true", "yes", "1", "on"};
+        static const char *const no[] = {"false", "no", "0", "off"};
+
+        for (size_t i = 0; i < ELEMENTSOF(yes); i++) {
+                if (strcasecmp(s, yes[i]) == 0)
+                        return 1;
+                if (strcasecmp(s, no[i]) == 0)
+                        return 0;
+        }
+        return -EINVAL;
+}
+
+/* "HH:MM" into minutes after midnight. */
+static int parse_hhmm(const char *s, unsigned *ret) {
+        unsigned h, m;
+
+        if (!isdigit((unsigned char) s[0]) || !isdigit((unsigned char) s[1]) || s[2] != ':' ||
+            !isdigit((unsigned char) s[3]) || !isdigit((unsigned char) s[4]))
+                return -EINVAL;
+        h = (unsigned) (s[0] - '0') * 10 + (unsigned) (s[1] - '0');
+        m = (unsigned) (s[3] - '0') * 10 + (unsigned) (s[4] - '0');
+        if (h > 23 || m > 59)
+                return -EINVAL;
+        *ret = h * 60 + m;
+        return 0;
+}
+
+static int parse_window(Parser *p, const char *value) {
+        Config *c = p->c;
+        unsigned start, end;
+
+        if (*value == 0) {
+                c->window_set = false;
+                return set_string(p, &c->window, NULL);
+        }
+        if (strlen(value) != 11 || value[5] != '-' || parse_hhmm(value, &start) < 0 ||
+            parse_hhmm(value + 6, &end) < 0)
+                return fail(p, p->line, -EINVAL, "window: '%.40s' is not HH:MM-HH:MM", value);
+        if (start == end)
+                return fail(p, p->line, -EINVAL, "window: start and end are equal (%.40s)", value);
+        c->window_set = true;
+        c->window_start_min = start;
+        c->window_end_min = end;
+        return set_string(p, &c->window, value);
+}
+
+static int parse_listen(Parser *p, const char *value) {
+        Config *c = p->c;
+
+        if (strcmp(value, "off") == 0) {
+                c->notify_enabled = false;
+                memset(&c->notify_addr, 0, sizeof(c->notify_addr));
+                c->notify_addrlen = 0;
+        } else if (parse_listen_address(value, &c->notify_addr, &c->notify_addrlen) >= 0)
+                c->notify_enabled = true;
+        else
+                return fail(p, p->line, -EINVAL, "listen: '%.80s' is not \"off\", IPv4:port or [IPv6]:port",
+                            value);
+        return set_string(p, &c->notify_listen, value);
+}
+
+static int parse_log_level(const char *s) {
+        static const struct {
+                const char *name;
+                int prio;
+        } levels[] = {
+                {"debug", LOG_DEBUG},     {"info", LOG_INFO}, {"notice", LOG_NOTICE},
+                {"warning", LOG_WARNING}, {"err", LOG_ERR},
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(levels); i++)
+                if (strcmp(s, levels[i].name) == 0)
+                        return levels[i].prio;
+        return -EINVAL;
+}
+
+static int parse_mode(const char *s, mode_t *ret) {
+        unsigned long v;
+        char *end;
+
+        if (*s == 0 || strspn(s, "01234567") != strlen(s) || strlen(s) > 5)
+                return -EINVAL;
+        v = strtoul(s, &end, 8);
+        if (*end || v > 07777)
+                return -EINVAL;
+        *ret = (mode_t) v;
+        return 0;
+}
+
+static int parse_secret_key(Parser *p, const KeyDef *k, const char *value) {
+        char **path = field(p->c, k->offset), **secret = field(p->c, k->offset2);
+        char *s = NULL;
+        int r;
+
+        if (*value) {
+                r = read_secret(value, &s);
+                if (r == -ENODATA)
+                        return fail(p, p->line, -EINVAL, "%s: secret file %s is empty", k->name, value);
+                if (r < 0)
+                        return fail(p, p->line, r, "%s: cannot read secret file %s: %s", k->name, value,
+                                    strerror(-r));
+        }
+        r = set_string(p, path, *value ? value : NULL);
+        if (r < 0) {
+                secret_free(s);
+                return r;
+        }
+        secret_free(*secret);
+        *secret = s;
+        return 0;
+}
+
+static int parse_duration_key(Parser *p, const KeyDef *k, const char *value) {
+        usec_t *dst = field(p->c, k->offset), v;
+        int r;
+
+        r = parse_duration(value, &v);
+        if (r == -ERANGE)
+                return fail(p, p->line, -EINVAL, "%s: duration '%.40s' is too large (max 366 days)", k->name,
+                            value);
+        if (r < 0)
+                return fail(p, p->line, -EINVAL,
+                            "%s: invalid duration '%.40s' (want a number with ms, s, m or h)", k->name,
+                            value);
+        if (v == 0 && k->type == KEY_DURATION)
+                return fail(p, p->line, -EINVAL, "%s: duration must be greater than 0", k->name);
+        if (k->offset == F(heartbeat) && v > 65535 * USEC_PER_SEC)
+                return fail(p, p->line, -EINVAL, "%s: duration '%.40s' is too large (max 65535s)", k->name,
+                            value);
+        *dst = v;
+        return 0;
+}
+
+static int parse_argv_key(Parser *p, const KeyDef *k, const char *value) {
+        char ***dst = field(p->c, k->offset), **argv = NULL;
+        int r;
+
+        r = split_argv(value, &argv);
+        if (r == -E2BIG)
+                return fail(p, p->line, -EINVAL, "%s: more than %d arguments", k->name, CONFIG_MAX_ARGV);
+        if (r < 0)
+                return fail(p, p->line, r, "out of memory");
+        /* Run without a shell and without a PATH search: say exactly what. */
+        if (argv && argv[0][0] != '/') {
+                argv_free(argv);
+                return fail(p, p->line, -EINVAL, "%s: program must be an absolute path", k->name);
+        }
+        argv_free(*dst);
+        *dst = argv;
+        return 0;
+}
+
+static int parse_scalar_key(Parser *p, const KeyDef *k, const char *value) {
+        Config *c = p->c;
+        int r;
+
+        switch (k->type) {
+        case KEY_JITTER: {
+                char *end;
+                double d;
+
+                errno = 0;
+                d = strtod(value, &end);
+                if (*value == 0 || *end || errno != 0 || !isfinite(d) || d < 0 || d >= 1)
+                        return fail(p, p->line, -EINVAL, "%s: '%.40s' is not a number with 0 <= x < 1",
+                                    k->name, value);
+                c->poll_jitter = d;
+                return 0;
+        }
+        case KEY_MODE:
+                if (parse_mode(value, &c->settings_mode) < 0)
+                        return fail(p, p->line, -EINVAL, "%s: '%.40s' is not an octal mode <= 07777",
+                                    k->name, value);
+                return 0;
+        case KEY_BOOL:
+                r = parse_bool(value);
+                if (r < 0)
+                        return fail(p, p->line, -EINVAL, "%s: '%.40s' is not a boolean (true/false)",
+                                    k->name, value);
+                c->update_enabled = r;
+                return 0;
+        case KEY_ROUNDS: {
+                unsigned long v = 0;
+                char *end = NULL;
+
+                if (isdigit((unsigned char) value[0]) && strlen(value) <= 4)
+                        v = strtoul(value, &end, 10);
+                if (!end || *end || v < 1 || v > MAX_STABLE_ROUNDS)
+                        return fail(p, p->line, -EINVAL, "%s: '%.40s' is not an integer from 1 to %d",
+                                    k->name, value, MAX_STABLE_ROUNDS);
+                c->stable_rounds = (unsigned) v;
+                return 0;
+        }
+        case KEY_LOG_LEVEL:
+                r = parse_log_level(value);
+                if (r < 0)
+                        return fail(p, p->line, -EINVAL,
+                                    "%s: '%.40s' is not one of debug, info, notice, warning, err", k->name,
+                                    value);
+                c->log_level = r;
+                return 0;
+        case KEY_LOG_TARGET:
+                if (strcmp(value, "auto") == 0)
+                        c->log_target = LOG_TARGET_AUTO;
+                else if (strcmp(value, "journal") == 0)
+                        c->log_target = LOG_TARGET_JOURNAL;
+                else if (strcmp(value, "stderr") == 0)
+                        c->log_target = LOG_TARGET_STDERR;
+                else
+                        return fail(p, p->line, -EINVAL, "%s: '%.40s' is not one of auto, journal, stderr",
+                                    k->name, value);
+                return 0;
+        default:
+                return fail(p, p->line, -EINVAL, "internal error: no parser for %s", k->name);
+        }
+}
+
+static int parse_key(Parser *p, const KeyDef *k, const char *value) {
+        char **str = field(p->c, k->offset);
+
+        switch (k->type) {
+        case KEY_URL_LIST:
+                if (*value == 0)
+                        return 0; /* unset; the required-key check runs at the end */
+                return for_each_item(p, k->name, value, add_endpoint);
+        case KEY_URL: {
+                _cleanup_(freep) char *url = strdup(value);
+
+                if (!url)
+                        return fail(p, p->line, -ENOMEM, "out of memory");
+                if (*url && check_url(p, k->name, url) < 0)
+                        return p->r;
+                return set_string(p, str, *url ? url : NULL);
+        }
+        case KEY_SECRET:
+                return parse_secret_key(p, k, value);
+        case KEY_PATH:
+        case KEY_STRING:
+                if (*value == 0)
+                        return fail(p, p->line, -EINVAL, "%s must not be empty", k->name);
+                if (k->type == KEY_STRING && has_space_or_control(value))
+                        return fail(p, p->line, -EINVAL, "%s: '%.80s' contains whitespace", k->name, value);
+                return set_string(p, str, value);
+        case KEY_PATH_OPT:
+                return set_string(p, str, *value ? value : NULL);
+        case KEY_DURATION:
+        case KEY_DURATION0:
+                return parse_duration_key(p, k, value);
+        case KEY_ARGV:
+                return parse_argv_key(p, k, value);
+        case KEY_LISTEN:
+                return parse_listen(p, value);
+        case KEY_ALLOW:
+                p->c->n_allow = 0; /* replaces the default */
+                if (*value == 0)
+                        return fail(p, p->line, -EINVAL,
+                                    "allow: empty (use listen = off to refuse everyone)");
+                return for_each_item(p, k->name, value, add_allow);
+        case KEY_WINDOW:
+                return parse_window(p, value);
+        default:
+                return parse_scalar_key(p, k, value);
+        }
+}
+
+static int handle_key(Parser *p, const char *section, const char *name, const char *value) {
+        if (!*section)
+                return fail(p, p->line, -EINVAL, "key '%.64s' outside of a [section]", name);
+        for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
+                if (strcmp(keys[i].section, section) != 0 || strcmp(keys[i].name, name) != 0)
+                        continue;
+                if (p->seen[i])
+                        return fail(p, p->line, -EINVAL, "duplicate key '%s' in [%s] (first at line %u)",
+                                    name, section, p->seen[i]);
+                p->seen[i] = p->line;
+                return parse_key(p, &keys[i], value);
+        }
+        /* The value is not shown: a secret pasted under a wrong key must not leak. */
+        return fail(p, p->line, -EINVAL, "unknown key '%.64s' in [%s]", name, section);
+}
+
+/* inih callback: 0 tells inih this line is the error line. */
+static int handler(void *userdata, const char *section, const char *name, const char *value) {
+        Parser *p = userdata;
+
+        if (p->r != 0)
+                return 1; /* first error wins; skip the rest quietly */
+        return handle_key(p, section ? section : "", name, value ? value : "") < 0 ? 0 : 1;
+}
+
+static bool section_known(const char *name, size_t n) {
+        for (size_t i = 0; i < ELEMENTSOF(sections); i++)
+                if (strlen(sections[i]) == n && strncmp(sections[i], name, n) == 0)
+                        return true;
+        return false;
+}
+
+/* An ini_reader that counts lines and checks what inih cannot: NUL and
+ * control bytes, over-long lines, and unknown (possibly empty) sections. */
+static char *reader(char *str, int num, void *userdata) {
+        Parser *p = userdata;
+        const char *s;
+        ssize_t n;
+
+        if (p->r != 0)
+                return NULL;
+        errno = 0;
+        n = getline(&p->buf, &p->bufsize, p->f);
+        if (n < 0) {
+                if (errno != 0)
+                        fail(p, p->line, negative_errno(), "read error: %s", strerror(errno));
+                return NULL;
+        }
+        p->line++;
+        if (n >= MAX_LINE || n >= num) {
+                fail(p, p->line, -EINVAL, "line too long (max %d bytes)", MAX_LINE);
+                return NULL;
+        }
+        for (ssize_t i = 0; i < n; i++) {
+                unsigned char ch = (unsigned char) p->buf[i];
+                if (ch == 0 || (iscntrl(ch) && ch != '\t' && ch != '\n' && ch != '\r')) {
+                        fail(p, p->line, -EINVAL, "control character in line");
+                        return NULL;
+                }
+        }
+        s = p->buf;
+        if (p->line == 1 && strncmp(s, "\xEF\xBB\xBF", 3) == 0)
+                s += 3; /* a UTF-8 BOM; inih skips it too */
+        while (*s == ' ' || *s == '\t')
+                s++;
+        if (*s == '[') {
+                size_t len = strcspn(s + 1, "]");
+                if (s[1 + len] != ']') {
+                        fail(p, p->line, -EINVAL, "section header without ']'");
+                        return NULL;
+                }
+                if (!section_known(s + 1, len)) {
+                        fail(p, p->line, -EINVAL, "unknown section [%.*s]", (int) (len > 64 ? 64 : len),
+                             s + 1);
+                        return NULL;
+                }
+        }
+        memcpy(str, p->buf, (size_t) n + 1);
+        return str;
+}
+
+static int set_defaults(Config *c) {
+        static const char *const allow[] = {"127.0.0.0/8", "::1"};
+
+        c->poll_interval = 30 * USEC_PER_SEC;
+        c->poll_jitter = 0.2;
+        c->fast_poll_interval = 500 * USEC_PER_MSEC;
+        c->request_timeout = 5 * USEC_PER_SEC;
+        c->heartbeat = 10 * USEC_PER_SEC;
+        c->settings_mode = 0640;
+        c->on_change_timeout = 30 * USEC_PER_SEC;
+        c->stable_rounds = 2;
+        c->max_delay = 5 * 60 * USEC_PER_SEC;
+        c->update_enabled = true;
+        c->command_timeout = 10 * 60 * USEC_PER_SEC;
+        c->log_level = LOG_INFO;
+        c->log_target = LOG_TARGET_AUTO;
+        for (size_t i = 0; i < ELEMENTSOF(allow); i++)
+                (void) parse_cidr(allow[i], &c->allow[c->n_allow++]);
+        c->notify_enabled = true;
+        (void) parse_listen_address("0.0.0.0:8631", &c->notify_addr, &c->notify_addrlen);
+
+        if (!(c->broker_username = strdup("guest")) || !(c->exchange = strdup("dsm.provider.events")) ||
+            !(c->settings_file = strdup("/etc/dsm-agent/rabbitmq.ini")) ||
+            !(c->notify_listen = strdup("0.0.0.0:8631")) ||
+            !(c->agent_version_file = strdup("/etc/dsm-agent/VERSION")) ||
+            !(c->download_dir = strdup("/var/lib/dsm-agent-sync/updates")) ||
+            !(c->state_file = strdup("/var/lib/dsm-agent-sync/state.json")))
+                return -ENOMEM;
+        return split_argv(DEFAULT_UPDATE_COMMAND, &c->update_command_argv);
+}
+
+static unsigned seen_line(const Parser *p, const char *section, const char *name) {
+        for (size_t i = 0; i < ELEMENTSOF(keys); i++)
+                if (strcmp(keys[i].section, section) == 0 && strcmp(keys[i].name, name) == 0)
+                        return p->seen[i];
+        return 0;
+}
+
+/* Checks that span keys; LINE is the most relevant key's line, else 0. */
+static int validate(Parser *p) {
+        Config *c = p->c;
+
+        if (c->n_endpoints == 0 && !c->load_balancer)
+                return fail(p, 0, -EINVAL, "[provider] needs endpoints or load_balancer");
+        if (c->fast_poll_interval > c->poll_interval) {
+                unsigned line = seen_line(p, "provider", "fast_poll_interval");
+                return fail(p, line ? line : seen_line(p, "provider", "poll_interval"), -EINVAL,
+                            "fast_poll_interval must not exceed poll_interval");
+        }
+        if (!c->tls_cert != !c->tls_key) {
+                unsigned line = seen_line(p, "notify", c->tls_cert ? "tls_cert" : "tls_key");
+                return fail(p, line, -EINVAL, "[notify] tls_cert and tls_key must be set together");
+        }
+        if (c->update_enabled && !c->update_command_argv)
+                return fail(p, seen_line(p, "update", "command"), -EINVAL,
+                            "[update] command is empty but enabled = true");
+        if (!c->broker_password && !(c->broker_password = strdup("guest")))
+                return fail(p, 0, -ENOMEM, "out of memory");
+        return 0;
+}
+
+int config_load(const char *path, Config **ret, char *err, size_t errlen) {
+        Parser p = {.err = err, .errlen = errlen};
+        Config *c;
+        int r;
+
+        if (err && errlen > 0)
+                err[0] = 0;
+        if (!path || !ret)
+                return -EINVAL;
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return -ENOMEM;
+        p.c = c;
+        c->path = strdup(path);
+        if (!c->path) {
+                free(c);
+                return -ENOMEM;
+        }
+        if (set_defaults(c) < 0) {
+                config_free(c);
+                return -ENOMEM;
+        }
+
+        p.f = fopen(path, "re");
+        if (!p.f) {
+                r = negative_errno();
+                fail(&p, 0, r, "cannot open: %s", strerror(-r));
+                config_free(c);
+                return r;
+        }
+
+        /* Debian's inih exposes its build options as variables: one heap line
+         * buffer of MAX_LINE lets URL lists pass the 200-byte default (the
+         * reader refuses longer lines instead of letting inih split them), and without
+         * multi-line values an indented line is an ordinary line. */
+        ini_use_stack = false;
+        ini_allow_realloc = false;
+        ini_initial_alloc = MAX_LINE + 3;
+        ini_max_line = MAX_LINE + 3;
+        ini_allow_multiline = false;
+        ini_allow_inline_comments = true;
+
+        r = ini_parse_stream(reader, &p, handler, &p);
+        fclose(p.f);
+        free(p.buf);
+        /* inih returns the first bad line, ours or a syntax error of its own. */
+        if (r > 0 && (p.r == 0 || (unsigned) r != p.err_line)) {
+                p.r = 0;
+                fail(&p, (unsigned) r, -EINVAL, "syntax error (want [section] or key = value)");
+        } else if (p.r == 0 && r < 0)
+                fail(&p, 0, -ENOMEM, "out of memory");
+        if (p.r == 0)
+                validate(&p);
+        if (p.r != 0) {
+                r = p.r;
+                config_free(c);
+                return r;
+        }
+        *ret = c;
+        return 0;
+}
+
+Config *config_free(Config *c) {
+        if (!c)
+                return NULL;
+        free(c->path);
+        for (size_t i = 0; i < c->n_endpoints; i++)
+                free(c->endpoints[i]);
+        free(c->load_balancer);
+        secret_free(c->provider_token);
+        free(c->provider_token_file);
+        free(c->provider_ca_file);
+        free(c->broker_username);
+        secret_free(c->broker_password);
+        free(c->broker_password_file);
+        free(c->exchange);
+        free(c->broker_ca_file);
+        free(c->settings_file);
+        argv_free(c->on_change_argv);
+        free(c->notify_listen);
+        secret_free(c->notify_token);
+        free(c->notify_token_file);
+        free(c->tls_cert);
+        free(c->tls_key);
+        free(c->window);
+        free(c->agent_version_file);
+        free(c->download_dir);
+        argv_free(c->update_command_argv);
+        free(c->state_file);
+        free(c);
+        return NULL;
+}
