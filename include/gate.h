@@ -12,7 +12,7 @@
 #include "provider.h"
 
 #define GATE_REASON_MAX 512
-#define GATE_MAX_NODES PROVIDER_NODES_MAX
+#define GATE_MAX_NODES  PROVIDER_NODES_MAX
 
 typedef enum GateState {
         GATE_DISABLED,
@@ -39,8 +39,8 @@ typedef struct GateInput {
         size_t n_nodes;
         unsigned agreeing_rounds; /* consecutive rounds (this one included) all nodes agreed */
         unsigned stable_rounds;
-        bool settings_busy;       /* settings change or on_change in progress */
-        uint64_t now_usec;        /* CLOCK_REALTIME */
+        bool settings_busy; /* settings change or on_change in progress */
+        uint64_t now_usec;  /* CLOCK_REALTIME */
         bool window_set;
         unsigned window_start_min, window_end_min;
         uint64_t delay_not_before_usec; /* drawn delay for this offer */

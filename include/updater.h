@@ -40,7 +40,10 @@ int updater_reconfigure(Updater *u, const Config *cfg);
 void updater_set_download_limits(Updater *u, uint64_t low_speed_bytes, usec_t low_speed_time, usec_t total);
 
 /* Starts download+apply of offer. -EBUSY when busy; -EAGAIN while backing
- * off from a failure of the same version. */
+ * off from a failure of the same version; -EINVAL for an offer that cannot
+ * be downloaded safely (version not usable in a file name, bad sha256,
+ * size 0). An attempt that fails at once (download_dir not writable) is
+ * recorded like any failure: changed() runs before this returns 0. */
 int updater_start(Updater *u, const AgentUpdate *offer);
 UpdaterPhase updater_phase(const Updater *u);
 /* "sha256_mismatch", "command_failed: exit 3", ... for the status; "" none. */

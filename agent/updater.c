@@ -1,0 +1,708 @@
+/* The updater: one offered Agent package at a time goes
+ *   IDLE -> DOWNLOADING -> APPLYING -> IDLE (applied)
+ *                 \-------------\----> FAILED (backing off)
+ *
+ * The download runs on its own libcurl multi handle wired into the sd-event
+ * loop (CURLMOPT_SOCKETFUNCTION gives I/O sources, CURLMOPT_TIMERFUNCTION a
+ * timer), so a slow Provider never blocks the loop. Bytes go to a
+ * ".dl-<version>.XXXXXX" file in download_dir while their sha256 is
+ * computed; only a file of exactly the offered size and hash is renamed to
+ * "dsm-agent-<version>.pkg" and handed to the update command. Anything else
+ * is unlinked, so a partial or forged package never reaches the command. */
+#include <curl/curl.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <openssl/evp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "atomic_file.h"
+#include "log.h"
+#include "macro.h"
+#include "runner.h"
+#include "updater.h"
+
+#define TEMP_PREFIX        ".dl-"
+#define PKG_PREFIX         "dsm-agent-"
+#define PKG_SUFFIX         ".pkg"
+#define BACKOFF_FIRST_USEC (60 * USEC_PER_SEC)
+#define BACKOFF_MAX_USEC   (3600 * USEC_PER_SEC)
+#define VERSION_FILE_MAX   4096
+
+typedef struct Download {
+        Updater *u;
+        CURLM *multi;
+        CURL *easy;
+        struct curl_slist *headers;
+        sd_event_source *timer;
+        sd_event_source **ios; /* one per socket curl asked us to watch */
+        size_t n_ios;
+        EVP_MD_CTX *md;
+        int fd;
+        uint64_t limit; /* the offered size: one byte more aborts */
+        uint64_t received;
+        bool oversized;
+        int write_error; /* negative errno of a failed write */
+        char tmp_path[PATH_MAX];
+        char errbuf[CURL_ERROR_SIZE];
+} Download;
+
+struct Updater {
+        sd_event *event;
+        const Config *cfg;
+        PersistentState *state;
+        updater_changed_t changed;
+        void *userdata;
+
+        UpdaterPhase phase;
+        char last_error[GATE_REASON_MAX];
+        AgentUpdate offer;  /* the one in flight */
+        char dir[PATH_MAX]; /* download_dir at start: a reload may change it */
+        char pkg_path[PATH_MAX];
+
+        uint64_t low_speed_bytes;
+        usec_t low_speed_time, total_timeout;
+
+        Download *dl;
+        Runner *runner;
+        char **argv; /* the command in flight, owned copies */
+};
+
+static uint64_t now_realtime(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
+}
+
+static void argv_free(char **argv) {
+        if (!argv)
+                return;
+        for (char **a = argv; *a; a++)
+                free(*a);
+        free(argv);
+}
+
+/* ---- validation ---- */
+
+/* The version becomes part of a file name: keep it to a safe alphabet so
+ * it can never name another directory or a hidden file. */
+static bool version_safe_for_path(const char *v) {
+        size_t n = strlen(v);
+
+        if (n == 0 || n > PROVIDER_VERSION_MAX || v[0] == '.' || v[0] == '-')
+                return false;
+        return strspn(v, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+~-") == n;
+}
+
+static bool sha256_hex_valid(const char *s) {
+        return strlen(s) == SHA256_HEX_LEN && strspn(s, "0123456789abcdef") == SHA256_HEX_LEN;
+}
+
+static int offer_check(const AgentUpdate *o) {
+        if (!o->present || !version_safe_for_path(o->version) || !sha256_hex_valid(o->sha256) ||
+            o->size == 0 || !provider_url_valid(o->url))
+                return -EINVAL;
+        return 0;
+}
+
+/* ---- the end of an attempt ---- */
+
+static void updater_fail(Updater *u, const char *fmt, ...) _printf_(2, 3);
+static void updater_fail(Updater *u, const char *fmt, ...) {
+        PersistentState *s = u->state;
+        usec_t backoff = BACKOFF_FIRST_USEC;
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(u->last_error, sizeof(u->last_error), fmt, ap);
+        va_end(ap);
+
+        /* 1 min, doubling per failure of the same version, at most 1 h. */
+        if (streq_ptr(s->failed_version, u->offer.version) && s->failures < UINT_MAX)
+                s->failures++;
+        else
+                s->failures = 1;
+        (void) strscpy(s->failed_version, sizeof(s->failed_version), u->offer.version);
+        for (unsigned i = 1; i < s->failures && backoff < BACKOFF_MAX_USEC; i++)
+                backoff *= 2;
+        if (backoff > BACKOFF_MAX_USEC)
+                backoff = BACKOFF_MAX_USEC;
+        s->retry_not_before_usec = now_realtime() + backoff;
+
+        u->phase = UPDATER_FAILED;
+        log_struct(LOG_WARNING, 0, MID_UPDATE_FAILED,
+                   &(LogFields){.version = u->offer.version, .reason = u->last_error},
+                   "Agent update %s failed: %s; retry in %llus (failure %u)", u->offer.version,
+                   u->last_error, (unsigned long long) (backoff / USEC_PER_SEC), s->failures);
+        if (u->changed)
+                u->changed(u, u->userdata);
+}
+
+/* Packages of earlier versions are of no further use once a newer one is
+ * installed; removing them keeps download_dir from growing forever. */
+static void remove_old_packages(const char *dir, const char *keep) {
+        _cleanup_(closep) int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        DIR *d;
+        struct dirent *de;
+
+        if (dfd < 0)
+                return;
+        d = fdopendir(dfd);
+        if (!d)
+                return;
+        dfd = -1; /* owned by d now */
+        while ((de = readdir(d))) {
+                size_t n = strlen(de->d_name);
+
+                if (strncmp(de->d_name, PKG_PREFIX, strlen(PKG_PREFIX)) != 0 || n < strlen(PKG_SUFFIX) ||
+                    strcmp(de->d_name + n - strlen(PKG_SUFFIX), PKG_SUFFIX) != 0 ||
+                    strcmp(de->d_name, keep) == 0)
+                        continue;
+                if (unlinkat(dirfd(d), de->d_name, 0) < 0)
+                        log_debug_errno(negative_errno(), "Cannot remove old package %s", de->d_name);
+        }
+        closedir(d);
+}
+
+static void updater_applied(Updater *u) {
+        PersistentState *s = u->state;
+        const char *base = strrchr(u->pkg_path, '/');
+
+        (void) strscpy(s->applied_version, sizeof(s->applied_version), u->offer.version);
+        s->failed_version[0] = 0;
+        s->failures = 0;
+        s->retry_not_before_usec = 0;
+        u->last_error[0] = 0;
+        u->phase = UPDATER_IDLE;
+
+        remove_old_packages(u->dir, base ? base + 1 : u->pkg_path);
+        log_struct(LOG_NOTICE, 0, MID_UPDATE_APPLIED, &(LogFields){.version = u->offer.version},
+                   "Agent update %s applied", u->offer.version);
+        if (u->changed)
+                u->changed(u, u->userdata);
+}
+
+/* ---- applying ---- */
+
+static void on_command_done(Runner *r, int status, void *userdata) {
+        Updater *u = userdata;
+
+        argv_free(u->argv);
+        u->argv = NULL;
+
+        if (status == 0)
+                updater_applied(u);
+        else if (status > 0)
+                updater_fail(u, "command_failed: exit %d", status);
+        else if (status == -ETIMEDOUT)
+                updater_fail(u, "command_failed: timeout");
+        else if (status >= -64) /* -SIGNUM; signal numbers stay below 65 */
+                updater_fail(u, "command_failed: signal %d", -status);
+        else
+                updater_fail(u, "command_failed: %s", strerror(-status));
+}
+
+/* command + FILE + VERSION, copied so a reload may free the Config. */
+static int command_argv(const Updater *u, char ***ret) {
+        char *const *cmd = u->cfg->update_command_argv;
+        size_t n = 0;
+        char **argv;
+
+        if (!cmd || !cmd[0])
+                return -ENOEXEC;
+        while (cmd[n])
+                n++;
+        argv = calloc(n + 3, sizeof(char *));
+        if (!argv)
+                return -ENOMEM;
+        for (size_t i = 0; i < n; i++)
+                if (!(argv[i] = strdup(cmd[i])))
+                        goto oom;
+        if (!(argv[n] = strdup(u->pkg_path)) || !(argv[n + 1] = strdup(u->offer.version)))
+                goto oom;
+        *ret = argv;
+        return 0;
+oom:
+        argv_free(argv);
+        return -ENOMEM;
+}
+
+static void updater_apply(Updater *u) {
+        char sha_env[sizeof("DSM_UPDATE_SHA256=") + SHA256_HEX_LEN];
+        char *env[] = {sha_env, NULL};
+        int r;
+
+        /* The command (or the privileged unit behind it) checks the hash
+         * again; hand it the expected one. */
+        snprintf(sha_env, sizeof(sha_env), "DSM_UPDATE_SHA256=%s", u->offer.sha256);
+
+        r = command_argv(u, &u->argv);
+        if (r < 0) {
+                updater_fail(u, "command_failed: %s", strerror(-r));
+                return;
+        }
+        u->phase = UPDATER_APPLYING;
+        log_info("Applying Agent update %s: %s %s %s", u->offer.version, u->argv[0], u->pkg_path,
+                 u->offer.version);
+        r = runner_start(u->runner, u->argv, env, u->cfg->command_timeout, on_command_done, u);
+        if (r < 0) {
+                argv_free(u->argv);
+                u->argv = NULL;
+                updater_fail(u, "command_failed: %s", strerror(-r));
+        }
+}
+
+/* ---- downloading ---- */
+
+static Download *download_free(Download *d) {
+        if (!d)
+                return NULL;
+        if (d->easy) {
+                if (d->multi)
+                        curl_multi_remove_handle(d->multi, d->easy);
+                curl_easy_cleanup(d->easy);
+        }
+        if (d->multi)
+                curl_multi_cleanup(d->multi);
+        for (size_t i = 0; i < d->n_ios; i++)
+                sd_event_source_disable_unref(d->ios[i]);
+        free(d->ios);
+        sd_event_source_disable_unref(d->timer);
+        curl_slist_free_all(d->headers); /* holds the token: freed, not logged */
+        EVP_MD_CTX_free(d->md);
+        if (d->fd >= 0)
+                close(d->fd);
+        if (d->tmp_path[0] && unlink(d->tmp_path) < 0 && errno != ENOENT)
+                log_warning_errno(negative_errno(), "Cannot remove partial download %s", d->tmp_path);
+        free(d);
+        return NULL;
+}
+
+static size_t on_curl_write(char *ptr, size_t size, size_t nmemb, void *userdata) {
+        Download *d = userdata;
+        size_t n = size * nmemb, done = 0;
+
+        /* Returning less than n makes curl abort the transfer. */
+        if (n > d->limit - d->received) {
+                d->oversized = true;
+                return 0;
+        }
+        while (done < n) {
+                ssize_t k = write(d->fd, ptr + done, n - done);
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        d->write_error = negative_errno();
+                        return 0;
+                }
+                done += (size_t) k;
+        }
+        if (EVP_DigestUpdate(d->md, ptr, n) != 1) {
+                d->write_error = -EIO;
+                return 0;
+        }
+        d->received += n;
+        return n;
+}
+
+static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata);
+static int on_timer(sd_event_source *s, uint64_t usec, void *userdata);
+
+static void download_forget_io(Download *d, sd_event_source *src) {
+        for (size_t i = 0; i < d->n_ios; i++)
+                if (d->ios[i] == src) {
+                        d->ios[i] = d->ios[--d->n_ios];
+                        break;
+                }
+        sd_event_source_disable_unref(src);
+}
+
+/* CURLMOPT_SOCKETFUNCTION: curl says which events it wants on fd. */
+static int on_curl_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp) {
+        Download *d = userp;
+        sd_event_source *src = socketp, **ios;
+        uint32_t events = 0;
+
+        if (what == CURL_POLL_REMOVE) {
+                if (src) {
+                        curl_multi_assign(d->multi, fd, NULL);
+                        download_forget_io(d, src);
+                }
+                return 0;
+        }
+        if (what & CURL_POLL_IN)
+                events |= EPOLLIN;
+        if (what & CURL_POLL_OUT)
+                events |= EPOLLOUT;
+        if (src)
+                return sd_event_source_set_io_events(src, events) < 0 ? -1 : 0;
+
+        ios = reallocarray(d->ios, d->n_ios + 1, sizeof(*ios));
+        if (!ios)
+                return -1;
+        d->ios = ios;
+        if (sd_event_add_io(d->u->event, &src, fd, events, on_io, d) < 0)
+                return -1;
+        d->ios[d->n_ios++] = src;
+        (void) sd_event_source_set_description(src, "updater-curl-io");
+        return curl_multi_assign(d->multi, fd, src) == CURLM_OK ? 0 : -1;
+}
+
+/* CURLMOPT_TIMERFUNCTION: curl wants to be called after timeout_ms. */
+static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp) {
+        Download *d = userp;
+        uint64_t now, when;
+
+        if (timeout_ms < 0)
+                return d->timer ? (sd_event_source_set_enabled(d->timer, SD_EVENT_OFF) < 0 ? -1 : 0) : 0;
+        if (sd_event_now(d->u->event, CLOCK_MONOTONIC, &now) < 0)
+                return -1;
+        when = now + (uint64_t) timeout_ms * USEC_PER_MSEC;
+        if (!d->timer) {
+                if (sd_event_add_time(d->u->event, &d->timer, CLOCK_MONOTONIC, when, 0, on_timer, d) < 0)
+                        return -1;
+                (void) sd_event_source_set_description(d->timer, "updater-curl-timer");
+                return 0;
+        }
+        if (sd_event_source_set_time(d->timer, when) < 0 ||
+            sd_event_source_set_enabled(d->timer, SD_EVENT_ONESHOT) < 0)
+                return -1;
+        return 0;
+}
+
+static int fsync_dir(const char *dir) {
+        _cleanup_(closep) int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+        if (fd < 0 || fsync(fd) < 0)
+                return negative_errno();
+        return 0;
+}
+
+static int reasonf(char *buf, size_t size, const char *fmt, ...) _printf_(3, 4);
+static int reasonf(char *buf, size_t size, const char *fmt, ...) {
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(buf, size, fmt, ap);
+        va_end(ap);
+        return -1;
+}
+
+/* Decides what the finished transfer is worth. On success the verified
+ * file is in place at u->pkg_path and 0 is returned; otherwise reason says
+ * why and -1 is returned (the temporary file goes with download_free). */
+static int download_finish(Updater *u, Download *d, CURLcode res, char *reason, size_t size) {
+        unsigned char md[EVP_MAX_MD_SIZE];
+        char hex[2 * EVP_MAX_MD_SIZE + 1];
+        unsigned md_len = 0;
+        long http = 0;
+
+        (void) curl_easy_getinfo(d->easy, CURLINFO_RESPONSE_CODE, &http);
+        if (d->oversized || res == CURLE_FILESIZE_EXCEEDED)
+                return reasonf(reason, size, "size_mismatch");
+        if (d->write_error < 0)
+                return reasonf(reason, size, "download_failed: write: %s", strerror(-d->write_error));
+        if (res == CURLE_HTTP_RETURNED_ERROR || (res == CURLE_OK && http != 200))
+                return reasonf(reason, size, "download_failed: HTTP %ld", http);
+        if (res != CURLE_OK)
+                return reasonf(reason, size, "download_failed: %s",
+                               d->errbuf[0] ? d->errbuf : curl_easy_strerror(res));
+        if (d->received != d->limit)
+                return reasonf(reason, size, "size_mismatch");
+
+        if (EVP_DigestFinal_ex(d->md, md, &md_len) != 1 || md_len != SHA256_HEX_LEN / 2)
+                return reasonf(reason, size, "download_failed: sha256 unavailable");
+        for (unsigned i = 0; i < md_len; i++)
+                snprintf(hex + 2 * i, 3, "%02x", md[i]);
+        if (strcmp(hex, u->offer.sha256) != 0)
+                return reasonf(reason, size, "sha256_mismatch");
+
+        /* Durable before it is visible under its final name. */
+        if (fsync(d->fd) < 0 || rename(d->tmp_path, u->pkg_path) < 0)
+                return reasonf(reason, size, "download_failed: %s", strerror(errno));
+        d->tmp_path[0] = 0; /* renamed: nothing to unlink */
+        (void) fsync_dir(u->dir);
+        return 0;
+}
+
+/* Drains curl's finished transfers; there is only ever ours. */
+static void download_check(Download *d) {
+        Updater *u = d->u;
+        char reason[GATE_REASON_MAX];
+        CURLMsg *msg;
+        int left, r;
+
+        while ((msg = curl_multi_info_read(d->multi, &left))) {
+                if (msg->msg != CURLMSG_DONE || msg->easy_handle != d->easy)
+                        continue;
+                r = download_finish(u, d, msg->data.result, reason, sizeof(reason));
+                log_debug("Download of %s ended after %llu bytes", u->offer.version,
+                          (unsigned long long) d->received);
+                u->dl = download_free(d);
+                if (r < 0)
+                        updater_fail(u, "%s", reason);
+                else
+                        updater_apply(u);
+                return; /* d is gone */
+        }
+}
+
+static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        Download *d = userdata;
+        int action = 0, running;
+
+        if (revents & EPOLLIN)
+                action |= CURL_CSELECT_IN;
+        if (revents & EPOLLOUT)
+                action |= CURL_CSELECT_OUT;
+        if (revents & (EPOLLERR | EPOLLHUP))
+                action |= CURL_CSELECT_ERR;
+        (void) curl_multi_socket_action(d->multi, fd, action, &running);
+        download_check(d);
+        return 0;
+}
+
+static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        Download *d = userdata;
+        int running;
+
+        (void) curl_multi_socket_action(d->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+        download_check(d);
+        return 0;
+}
+
+static int download_setup_easy(Updater *u, Download *d) {
+        const Config *cfg = u->cfg;
+        long low_time = (long) ((u->low_speed_time + USEC_PER_SEC - 1) / USEC_PER_SEC);
+
+        if (cfg->provider_token) {
+                _cleanup_(freep) char *auth = NULL;
+                int n = asprintf(&auth, "Authorization: Bearer %s", cfg->provider_token);
+
+                if (n < 0)
+                        return -ENOMEM;
+                d->headers = curl_slist_append(NULL, auth);
+                explicit_bzero(auth, (size_t) n);
+                if (!d->headers)
+                        return -ENOMEM;
+        }
+        if (curl_easy_setopt(d->easy, CURLOPT_URL, u->offer.url) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_PROTOCOLS_STR, "http,https") != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_HTTPHEADER, d->headers) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_WRITEFUNCTION, on_curl_write) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_WRITEDATA, d) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_ERRORBUFFER, d->errbuf) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_FAILONERROR, 1L) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_FORBID_REUSE, 1L) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_SSL_VERIFYPEER, 1L) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_SSL_VERIFYHOST, 2L) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_USERAGENT, "dsm-agent-syncd") != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) d->limit) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_CONNECTTIMEOUT_MS,
+                             (long) (cfg->request_timeout / USEC_PER_MSEC)) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_TIMEOUT_MS, (long) (u->total_timeout / USEC_PER_MSEC)) !=
+                    CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_LOW_SPEED_LIMIT, (long) u->low_speed_bytes) != CURLE_OK ||
+            curl_easy_setopt(d->easy, CURLOPT_LOW_SPEED_TIME, low_time > 0 ? low_time : 1L) != CURLE_OK)
+                return -EINVAL;
+        if (cfg->provider_ca_file &&
+            curl_easy_setopt(d->easy, CURLOPT_CAINFO, cfg->provider_ca_file) != CURLE_OK)
+                return -EINVAL;
+        return 0;
+}
+
+static int download_new(Updater *u, Download **ret) {
+        Download *d;
+        int r;
+
+        d = calloc(1, sizeof(*d));
+        if (!d)
+                return -ENOMEM;
+        *d = (Download){.u = u, .fd = -1, .limit = u->offer.size};
+
+        if (mkdir(u->dir, 0700) < 0 && errno != EEXIST) {
+                r = negative_errno();
+                goto fail;
+        }
+        r = snprintf(d->tmp_path, sizeof(d->tmp_path), "%s/" TEMP_PREFIX "%s.XXXXXX", u->dir,
+                     u->offer.version);
+        if (r < 0 || (size_t) r >= sizeof(d->tmp_path)) {
+                d->tmp_path[0] = 0;
+                r = -ENAMETOOLONG;
+                goto fail;
+        }
+        d->fd = mkostemp(d->tmp_path, O_CLOEXEC); /* O_CREAT|O_EXCL, 0600 */
+        if (d->fd < 0) {
+                r = negative_errno();
+                d->tmp_path[0] = 0;
+                goto fail;
+        }
+
+        r = -ENOMEM;
+        d->md = EVP_MD_CTX_new();
+        d->multi = curl_multi_init();
+        d->easy = curl_easy_init();
+        if (!d->md || !d->multi || !d->easy)
+                goto fail;
+        if (EVP_DigestInit_ex(d->md, EVP_sha256(), NULL) != 1) {
+                r = -EIO;
+                goto fail;
+        }
+        r = download_setup_easy(u, d);
+        if (r < 0)
+                goto fail;
+        if (curl_multi_setopt(d->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket) != CURLM_OK ||
+            curl_multi_setopt(d->multi, CURLMOPT_SOCKETDATA, d) != CURLM_OK ||
+            curl_multi_setopt(d->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer) != CURLM_OK ||
+            curl_multi_setopt(d->multi, CURLMOPT_TIMERDATA, d) != CURLM_OK ||
+            curl_multi_add_handle(d->multi, d->easy) != CURLM_OK) {
+                r = -EINVAL;
+                goto fail;
+        }
+        *ret = d;
+        return 0;
+fail:
+        download_free(d);
+        return r;
+}
+
+/* ---- public ---- */
+
+int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_changed_t changed,
+                void *userdata, Updater **ret) {
+        Updater *u;
+        int r;
+
+        u = calloc(1, sizeof(*u));
+        if (!u)
+                return -ENOMEM;
+        *u = (Updater){
+                .event = sd_event_ref(e),
+                .cfg = cfg,
+                .state = state,
+                .changed = changed,
+                .userdata = userdata,
+                .phase = UPDATER_IDLE,
+                .low_speed_bytes = 1024,
+                .low_speed_time = 60 * USEC_PER_SEC,
+                .total_timeout = 3600 * USEC_PER_SEC,
+        };
+        r = runner_new(e, "update", &u->runner);
+        if (r < 0) {
+                updater_free(u);
+                return r;
+        }
+        *ret = u;
+        return 0;
+}
+
+Updater *updater_free(Updater *u) {
+        if (!u)
+                return NULL;
+        u->dl = download_free(u->dl);
+        u->runner = runner_free(u->runner);
+        argv_free(u->argv);
+        sd_event_unref(u->event);
+        free(u);
+        return NULL;
+}
+
+int updater_reconfigure(Updater *u, const Config *cfg) {
+        u->cfg = cfg;
+        return 0;
+}
+
+void updater_set_download_limits(Updater *u, uint64_t low_speed_bytes, usec_t low_speed_time, usec_t total) {
+        u->low_speed_bytes = low_speed_bytes;
+        u->low_speed_time = low_speed_time;
+        u->total_timeout = total;
+}
+
+int updater_start(Updater *u, const AgentUpdate *offer) {
+        const PersistentState *s = u->state;
+        int r;
+
+        if (u->phase == UPDATER_DOWNLOADING || u->phase == UPDATER_APPLYING || runner_busy(u->runner))
+                return -EBUSY;
+        if (offer_check(offer) < 0)
+                return -EINVAL;
+        if (streq_ptr(s->failed_version, offer->version) && now_realtime() < s->retry_not_before_usec)
+                return -EAGAIN;
+
+        if (strscpy(u->dir, sizeof(u->dir), u->cfg->download_dir) < 0)
+                return -ENAMETOOLONG;
+        r = snprintf(u->pkg_path, sizeof(u->pkg_path), "%s/" PKG_PREFIX "%s" PKG_SUFFIX, u->dir,
+                     offer->version);
+        if (r < 0 || (size_t) r >= sizeof(u->pkg_path))
+                return -ENAMETOOLONG;
+        u->offer = *offer;
+        u->last_error[0] = 0;
+
+        r = download_new(u, &u->dl);
+        if (r < 0) {
+                /* Counts as a failed attempt, so it backs off like one. */
+                updater_fail(u, "download_failed: %s", strerror(-r));
+                return 0;
+        }
+        u->phase = UPDATER_DOWNLOADING;
+        log_info("Downloading Agent update %s (%llu bytes)", offer->version,
+                 (unsigned long long) offer->size);
+        return 0;
+}
+
+UpdaterPhase updater_phase(const Updater *u) {
+        return u->phase;
+}
+
+const char *updater_last_error(const Updater *u) {
+        return u->last_error;
+}
+
+int updater_sweep(const Config *cfg) {
+        DIR *d;
+        struct dirent *de;
+        int n = 0;
+
+        d = opendir(cfg->download_dir);
+        if (!d)
+                return errno == ENOENT ? 0 : negative_errno();
+        while ((de = readdir(d)))
+                if (strncmp(de->d_name, TEMP_PREFIX, strlen(TEMP_PREFIX)) == 0 &&
+                    unlinkat(dirfd(d), de->d_name, 0) == 0)
+                        n++;
+        closedir(d);
+        return n;
+}
+
+int updater_read_installed(const Config *cfg, char *buf, size_t size) {
+        _cleanup_(freep) char *data = NULL;
+        size_t len, start, end;
+        int r;
+
+        if (size == 0)
+                return -EINVAL;
+        buf[0] = 0;
+        r = read_file_full(cfg->agent_version_file, VERSION_FILE_MAX, &data, &len);
+        if (r == -ENOENT)
+                return 0;
+        if (r < 0)
+                return r;
+
+        len = strcspn(data, "\r\n"); /* the first line */
+        start = strspn(data, " \t");
+        end = len;
+        while (end > start && (data[end - 1] == ' ' || data[end - 1] == '\t'))
+                end--;
+        if (end - start >= size)
+                return -ENAMETOOLONG;
+        memcpy(buf, data + start, end - start);
+        buf[end - start] = 0;
+        return 0;
+}

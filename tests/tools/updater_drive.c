@@ -1,0 +1,188 @@
+/* Runs one Updater attempt in an sd-event loop, for the integration tests:
+ *
+ *   updater_drive CONFIG URL VERSION SHA256 SIZE
+ *
+ * Loads CONFIG with config_load, sweeps download_dir, starts the update and
+ * waits for it to end. Prints key=value lines on stdout:
+ *   swept=N installed=V second_start=E result=applied|failed reason=R
+ *   failures=N retry_start=E
+ * Exit status: 0 applied, 1 failed, 2 usage or config error, 3 the safety
+ * timeout hit, 4 stopped by SIGTERM/SIGINT (the Updater is freed first, so
+ * a download in flight must leave no file behind).
+ *
+ * Environment (milliseconds / bytes per second) for short test timeouts:
+ * UPDATER_DRIVE_LOW_SPEED_BYTES, UPDATER_DRIVE_LOW_SPEED_MS,
+ * UPDATER_DRIVE_TOTAL_MS, UPDATER_DRIVE_TIMEOUT_MS (safety, default 60000). */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "log.h"
+#include "macro.h"
+#include "updater.h"
+
+enum { EXIT_APPLIED = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_TIMEOUT = 3, EXIT_SIGNAL = 4 };
+
+typedef struct Drive {
+        sd_event *event;
+        int exit_code;
+} Drive;
+
+static uint64_t env_u64(const char *name, uint64_t def) {
+        const char *s = getenv(name);
+        char *end;
+        unsigned long long v;
+
+        if (!s || !*s)
+                return def;
+        errno = 0;
+        v = strtoull(s, &end, 10);
+        if (errno || *end)
+                return def;
+        return v;
+}
+
+static const char *errno_name(int r) {
+        switch (r) {
+        case 0:
+                return "0";
+        case -EBUSY:
+                return "EBUSY";
+        case -EAGAIN:
+                return "EAGAIN";
+        case -EINVAL:
+                return "EINVAL";
+        default:
+                return strerror(-r);
+        }
+}
+
+static void on_changed(Updater *u, void *userdata) {
+        Drive *d = userdata;
+        UpdaterPhase p = updater_phase(u);
+
+        if (p == UPDATER_DOWNLOADING || p == UPDATER_APPLYING)
+                return;
+        d->exit_code = p == UPDATER_FAILED ? EXIT_FAILED : EXIT_APPLIED;
+        sd_event_exit(d->event, 0);
+}
+
+static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        Drive *d = userdata;
+
+        d->exit_code = EXIT_SIGNAL;
+        return sd_event_exit(d->event, 0);
+}
+
+static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        Drive *d = userdata;
+
+        d->exit_code = EXIT_TIMEOUT;
+        return sd_event_exit(d->event, 0);
+}
+
+static int parse_offer(char **argv, AgentUpdate *o) {
+        char *end;
+
+        *o = (AgentUpdate){.present = true};
+        if (strscpy(o->url, sizeof(o->url), argv[2]) < 0 ||
+            strscpy(o->version, sizeof(o->version), argv[3]) < 0 ||
+            strscpy(o->sha256, sizeof(o->sha256), argv[4]) < 0)
+                return -EINVAL;
+        errno = 0;
+        o->size = strtoull(argv[5], &end, 10);
+        return errno || *end ? -EINVAL : 0;
+}
+
+static int run(Config *cfg, const AgentUpdate *offer) {
+        PersistentState state = {0};
+        Drive d = {.exit_code = EXIT_TIMEOUT};
+        Updater *u = NULL;
+        char installed[PROVIDER_VERSION_MAX + 1];
+        sigset_t mask;
+        uint64_t now;
+        int r;
+
+        sigemptyset(&mask);
+        sigaddset(&mask, SIGTERM);
+        sigaddset(&mask, SIGINT);
+        sigprocmask(SIG_BLOCK, &mask, NULL);
+
+        if (sd_event_default(&d.event) < 0 ||
+            sd_event_add_signal(d.event, NULL, SIGTERM, on_signal, &d) < 0 ||
+            sd_event_add_signal(d.event, NULL, SIGINT, on_signal, &d) < 0 ||
+            sd_event_now(d.event, CLOCK_MONOTONIC, &now) < 0 ||
+            sd_event_add_time(d.event, NULL, CLOCK_MONOTONIC,
+                              now + env_u64("UPDATER_DRIVE_TIMEOUT_MS", 60000) * USEC_PER_MSEC, 0,
+                              on_timeout, &d) < 0) {
+                fprintf(stderr, "updater_drive: event loop setup failed\n");
+                return EXIT_USAGE;
+        }
+
+        printf("swept=%d\n", updater_sweep(cfg));
+        r = updater_read_installed(cfg, installed, sizeof(installed));
+        printf("installed=%s\n", r < 0 ? errno_name(r) : installed);
+
+        r = updater_new(d.event, cfg, &state, on_changed, &d, &u);
+        if (r < 0) {
+                fprintf(stderr, "updater_drive: updater_new: %s\n", strerror(-r));
+                sd_event_unref(d.event);
+                return EXIT_USAGE;
+        }
+        updater_set_download_limits(u, env_u64("UPDATER_DRIVE_LOW_SPEED_BYTES", 1024),
+                                    env_u64("UPDATER_DRIVE_LOW_SPEED_MS", 60000) * USEC_PER_MSEC,
+                                    env_u64("UPDATER_DRIVE_TOTAL_MS", 3600000) * USEC_PER_MSEC);
+
+        r = updater_start(u, offer);
+        if (r < 0) {
+                printf("result=failed\nreason=start: %s\n", errno_name(r));
+                updater_free(u);
+                sd_event_unref(d.event);
+                return EXIT_FAILED;
+        }
+        printf("second_start=%s\n", errno_name(updater_start(u, offer)));
+        fflush(stdout);
+
+        if (updater_phase(u) == UPDATER_FAILED)
+                d.exit_code = EXIT_FAILED; /* failed before the loop ran */
+        else
+                (void) sd_event_loop(d.event);
+
+        if (d.exit_code == EXIT_APPLIED || d.exit_code == EXIT_FAILED) {
+                printf("result=%s\nreason=%s\n", d.exit_code == EXIT_APPLIED ? "applied" : "failed",
+                       updater_last_error(u));
+                printf("applied_version=%s\nfailures=%u\n", state.applied_version, state.failures);
+                printf("retry_start=%s\n",
+                       errno_name(d.exit_code == EXIT_FAILED ? updater_start(u, offer) : 0));
+        } else
+                printf("result=%s\n", d.exit_code == EXIT_SIGNAL ? "stopped" : "timeout");
+        fflush(stdout);
+
+        updater_free(u);
+        sd_event_unref(d.event);
+        return d.exit_code;
+}
+
+int main(int argc, char **argv) {
+        char err[CONFIG_ERROR_MAX];
+        Config *cfg = NULL;
+        AgentUpdate offer;
+        int r;
+
+        if (argc != 6 || parse_offer(argv, &offer) < 0) {
+                fprintf(stderr, "usage: updater_drive CONFIG URL VERSION SHA256 SIZE\n");
+                return EXIT_USAGE;
+        }
+        log_setup(LOG_TARGET_STDERR, LOG_DEBUG);
+        r = config_load(argv[1], &cfg, err, sizeof(err));
+        if (r < 0) {
+                fprintf(stderr, "%s\n", err);
+                return EXIT_USAGE;
+        }
+        r = run(cfg, &offer);
+        config_free(cfg);
+        return r;
+}
