@@ -1,0 +1,512 @@
+"""Packaging and operability: systemd units, sandbox score, journal catalog,
+man pages, the update hand-over scripts, the .deb and the RPM spec.
+
+Stdlib + pytest only. Every subprocess has a timeout. The .deb is built once
+per session (packaging/build-deb.sh), which needs the daemon sources to build.
+"""
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+TOP = Path(__file__).resolve().parents[2]
+PKG = TOP / "packaging"
+UNIT_DIR = PKG / "systemd"
+UNITS = [
+    "dsm-agent-syncd.service",
+    "dsm-agent-syncd.socket",
+    "dsm-agent-sync-apply-update.service",
+    "dsm-agent-sync-apply-update.path",
+    "dsm-agent-sync-settings.service",
+    "dsm-agent-sync-settings.path",
+]
+MAN_PAGES = ["dsm-agent-syncd.8", "dsm-agent-syncctl.8", "dsm-agent-sync.ini.5"]
+MAX_EXPOSURE = 1.5
+
+
+def need(tool):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed (run tests/install-deps.sh)")
+
+
+def run(cmd, timeout=60, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+# --------------------------------------------------------------------------
+# systemd units
+
+
+def _units_with_paths(tmp, exec_map):
+    """Copies the units into tmp with executable paths rewritten through
+    exec_map ({installed path: path on this machine})."""
+    for name in UNITS:
+        text = (UNIT_DIR / name).read_text()
+        for src, dst in exec_map.items():
+            text = text.replace(src, str(dst))
+        (tmp / name).write_text(text)
+
+
+def _stub_exec(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_units_verify(tmp_path):
+    need("systemd-analyze")
+    root = tmp_path / "root"
+    exec_map = {
+        "/usr/sbin/dsm-agent-syncd": _stub_exec(root / "usr/sbin/dsm-agent-syncd"),
+        "/usr/lib/dsm-agent-sync/": str(PKG) + "/",
+    }
+    helper = PKG / "apply-update-helper"
+    assert os.access(helper, os.X_OK)
+    units = tmp_path / "units"
+    units.mkdir()
+    _units_with_paths(units, exec_map)
+    r = run(["systemd-analyze", "verify", "--man=no"] + [str(units / u) for u in UNITS])
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+
+
+def _service(name):
+    """The [Service] settings of a unit as {key: [values]}."""
+    out = {}
+    section = None
+    for line in (UNIT_DIR / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line
+            continue
+        k, _, v = line.partition("=")
+        out.setdefault((section, k.strip()), []).append(v.strip())
+    return out
+
+
+def test_service_contract():
+    s = _service("dsm-agent-syncd.service")
+    S = "[Service]"
+    assert s[(S, "Type")] == ["notify"]
+    assert s[(S, "NotifyAccess")] == ["main"]
+    assert s[(S, "WatchdogSec")] == ["30s"]
+    assert s[(S, "ExecStart")] == ["/usr/sbin/dsm-agent-syncd -c /etc/dsm-agent-sync/agent-sync.ini"]
+    assert s[(S, "ExecReload")] == ["/bin/kill -HUP $MAINPID"]
+    assert s[(S, "Restart")] == ["on-failure"]
+    assert s[(S, "User")] == ["dsm-agent-sync"]
+    assert "dsm-agent-sync" in s[(S, "StateDirectory")][0].split()
+    assert s[(S, "ReadWritePaths")] == ["-/etc/dsm-agent"]
+    families = set(s[(S, "RestrictAddressFamilies")][0].split())
+    assert families == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    # fork/exec stay allowed (on_change, the update command).
+    filters = " ".join(s[(S, "SystemCallFilter")])
+    assert "@process" not in filters and "execve" not in filters
+    sock = _service("dsm-agent-syncd.socket")
+    assert sock[("[Socket]", "ListenStream")] == ["8631"]
+    path = _service("dsm-agent-sync-apply-update.path")
+    assert path[("[Path]", "PathExists")] == ["/var/lib/dsm-agent-sync/apply/request"]
+    settings = _service("dsm-agent-sync-settings.path")
+    assert settings[("[Path]", "PathChanged")] == ["/etc/dsm-agent/rabbitmq.ini"]
+
+
+def exposure_score():
+    r = run(["systemd-analyze", "security", "--offline=true", "--no-pager",
+             str(UNIT_DIR / "dsm-agent-syncd.service")])
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    return float(m.group(1))
+
+
+def test_security_score():
+    need("systemd-analyze")
+    score = exposure_score()
+    print(f"exposure score of dsm-agent-syncd.service: {score}")
+    assert score <= MAX_EXPOSURE
+
+
+def test_sysusers_and_tmpfiles(tmp_path):
+    need("systemd-sysusers")
+    need("systemd-tmpfiles")
+    (tmp_path / "etc").mkdir()
+    r = run(["systemd-sysusers", f"--root={tmp_path}", str(PKG / "sysusers.conf")])
+    assert r.returncode == 0, r.stderr
+    passwd = (tmp_path / "etc/passwd").read_text()
+    assert re.search(r"^dsm-agent-sync:x:\d+:\d+:.*:/var/lib/dsm-agent-sync:/usr/sbin/nologin$", passwd, re.M)
+    r = run(["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(PKG / "tmpfiles.conf")])
+    assert r.returncode == 0, r.stderr
+    st = (tmp_path / "etc/dsm-agent").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o775 and st.st_uid == 0
+
+
+# --------------------------------------------------------------------------
+# journal catalog
+
+
+def message_ids_in_code():
+    ids = {}
+    for d in ("include", "agent", "common"):
+        for f in sorted((TOP / d).glob("*.[ch]")):
+            for m in re.finditer(r'#define\s+(MID_\w+)\s+"([0-9a-f]{32})"', f.read_text()):
+                ids[m.group(2)] = m.group(1)
+    return ids
+
+
+def catalog_entries():
+    text = (PKG / "catalog/dsm-agent-sync.catalog").read_text()
+    entries = {}
+    for block in re.split(r"^-- ", text, flags=re.M)[1:]:
+        head, _, body = block.partition("\n")
+        mid = head.strip()
+        assert re.fullmatch(r"[0-9a-f]{32}", mid), head
+        fields, _, explanation = body.partition("\n\n")
+        keys = dict(line.split(": ", 1) for line in fields.splitlines())
+        assert {"Subject", "Defined-By", "Support"} <= set(keys), mid
+        assert explanation.strip(), mid
+        assert mid not in entries, f"duplicate catalog entry {mid}"
+        entries[mid] = keys
+    return entries
+
+
+def test_catalog_covers_every_message_id():
+    code = message_ids_in_code()
+    assert len(code) >= 11, code
+    cat = catalog_entries()
+    assert set(code) - set(cat) == set(), "MESSAGE_IDs without a catalog entry"
+    assert set(cat) - set(code) == set(), "catalog entries for unknown MESSAGE_IDs"
+    # Every 32-hex literal used as a MESSAGE_ID in code is one of the MID_s.
+    for d in ("agent", "common"):
+        for f in (TOP / d).glob("*.c"):
+            for m in re.finditer(r'MESSAGE_ID=([0-9a-f]{32})', f.read_text()):
+                assert m.group(1) in cat, f"{f}: {m.group(1)}"
+
+
+def test_catalog_compiles(tmp_path):
+    need("journalctl")
+    d = tmp_path / "usr/lib/systemd/catalog"
+    d.mkdir(parents=True)
+    shutil.copy(PKG / "catalog/dsm-agent-sync.catalog", d)
+    r = run(["journalctl", f"--root={tmp_path}", "--update-catalog"])
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    r = run(["journalctl", f"--root={tmp_path}", "--list-catalog"])
+    listed = {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
+    assert listed == set(message_ids_in_code())
+
+
+# --------------------------------------------------------------------------
+# man pages and docs
+
+
+@pytest.mark.parametrize("page", MAN_PAGES)
+def test_man_page_renders_without_warnings(page):
+    need("groff")
+    need("man")
+    f = TOP / "docs" / page
+    r = run(["groff", "-man", "-ww", "-z", str(f)])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    r = run(["man", "--warnings", "-l", str(f)], env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert len(r.stdout) > 500
+
+
+def test_operations_runbook_lists_every_message_id():
+    text = (TOP / "docs/operations.md").read_text()
+    for mid in message_ids_in_code():
+        assert f"MESSAGE_ID={mid}" in text
+    for word in ("dsm-agent-syncctl notify", "dsm-agent-syncctl status", "version_skew",
+                 "node_unreachable", "settling", "outside_window", "delay", "sha256_mismatch",
+                 "command_failed", "flapping", "cluster size", "stale primary"):
+        assert word in text, word
+
+
+# --------------------------------------------------------------------------
+# the update hand-over: apply-update (sandboxed side) and the root helper
+
+
+class Handover:
+    def __init__(self, tmp):
+        self.base = tmp / "state"
+        self.spool = self.base / "apply"
+        self.updates = self.base / "updates"
+        for p in (self.base, self.spool, self.updates):
+            p.mkdir(parents=True)
+            p.chmod(0o755)
+        tmp.chmod(0o755)
+        self.pkg = self.updates / "agent_9.0.1.deb"
+        self.pkg.write_bytes(b"!<arch>\nnot really a deb\n")
+        self.pkg.chmod(0o644)
+        self.installed = tmp / "installed"
+        self.installer = tmp / "fake-install"
+        self.installer.write_text(
+            f'#!/bin/sh\ncp "$1" {self.installed}\necho "$2" >{self.installed}.version\n'
+            'exit "${FAKE_STATUS:-0}"\n')
+        self.installer.chmod(0o755)
+        self.env = dict(os.environ, DSM_APPLY_SPOOL=str(self.spool), DSM_APPLY_POLL="1",
+                        DSM_APPLY_ALLOWED_DIR=str(self.base), DSM_APPLY_INSTALL=str(self.installer),
+                        DSM_APPLY_USER="nobody" if os.geteuid() == 0 else str(os.getuid()))
+
+    def client(self, *args, timeout="20"):
+        env = dict(self.env, DSM_APPLY_TIMEOUT=timeout)
+        return subprocess.Popen([str(PKG / "apply-update"), *args], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_request(self):
+        deadline = time.monotonic() + 10
+        while not (self.spool / "request").exists():
+            assert time.monotonic() < deadline, "no request written"
+            time.sleep(0.05)
+        return (self.spool / "request").read_text()
+
+    def helper(self, **env):
+        return run([str(PKG / "apply-update-helper")], env=dict(self.env, **env), timeout=60)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary directory that the helper's setpriv'd reader (nobody) can
+    traverse; pytest's tmp_path lives below a 0700 directory."""
+    d = Path(tempfile.mkdtemp(prefix="dsm-handover."))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _finish(p):
+    try:
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, err
+
+
+def test_handover_installs_verified_package(shared_tmp):
+    tmp_path = shared_tmp
+    h = Handover(tmp_path)
+    p = h.client(str(h.pkg), "9.0.1")
+    req = h.wait_request()
+    assert re.search(r"^sha256=[0-9a-f]{64}$", req, re.M)
+    assert f"file={h.pkg}\n" in req and "version=9.0.1\n" in req
+    r = h.helper()
+    assert r.returncode == 0, r.stdout + r.stderr
+    rc, err = _finish(p)
+    assert rc == 0, err
+    assert h.installed.read_bytes() == h.pkg.read_bytes()
+    assert not (h.spool / "request").exists()
+
+
+def test_handover_passes_the_installers_exit_status(shared_tmp):
+    tmp_path = shared_tmp
+    h = Handover(tmp_path)
+    p = h.client(str(h.pkg), "9.0.1")
+    h.wait_request()
+    h.helper(FAKE_STATUS="3")
+    rc, _ = _finish(p)
+    assert rc == 3
+
+
+def test_handover_rechecks_sha256(shared_tmp):
+    tmp_path = shared_tmp
+    h = Handover(tmp_path)
+    p = h.client(str(h.pkg), "9.0.1")
+    h.wait_request()
+    h.pkg.write_bytes(b"!<arch>\nswapped after verification\n")  # changed behind the daemon's back
+    h.helper()
+    rc, _ = _finish(p)
+    assert rc == 65
+    assert not h.installed.exists()
+
+
+def test_handover_refuses_files_outside_the_state_dir(shared_tmp):
+    tmp_path = shared_tmp
+    h = Handover(tmp_path)
+    other = tmp_path / "elsewhere.deb"
+    other.write_bytes(b"x")
+    other.chmod(0o644)
+    p = h.client(str(other), "9.0.1")
+    h.wait_request()
+    h.helper()
+    rc, _ = _finish(p)
+    assert rc == 64
+    assert not h.installed.exists()
+
+
+def test_handover_times_out_without_helper(shared_tmp):
+    tmp_path = shared_tmp
+    h = Handover(tmp_path)
+    p = h.client(str(h.pkg), "9.0.1", timeout="2")
+    rc, err = _finish(p)
+    assert rc == 75, err
+
+
+def test_handover_rejects_bad_arguments(shared_tmp):
+    tmp_path = shared_tmp
+    h = Handover(tmp_path)
+    for args, status in (([], 64), ([str(h.pkg), "bad version"], 64), ([str(tmp_path / "missing"), "1"], 66)):
+        rc, _ = _finish(h.client(*args))
+        assert rc == status, args
+
+
+def test_helper_ignores_symlinked_request(shared_tmp):
+    tmp_path = shared_tmp
+    h = Handover(tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_text("id=0123\nfile=/etc/shadow\n")
+    (h.spool / "request").symlink_to(secret)
+    r = h.helper()
+    assert r.returncode == 0
+    assert not (h.spool / "request").exists() and not (h.spool / "result").exists()
+
+
+# --------------------------------------------------------------------------
+# the .deb
+
+
+EXPECTED_DEB_FILES = [
+    "./etc/dsm-agent-sync/agent-sync.ini",
+    "./usr/sbin/dsm-agent-syncd",
+    "./usr/bin/dsm-agent-syncctl",
+    "./usr/lib/dsm-agent-sync/apply-update",
+    "./usr/lib/dsm-agent-sync/apply-update-helper",
+    "./usr/lib/sysusers.d/dsm-agent-sync.conf",
+    "./usr/lib/tmpfiles.d/dsm-agent-sync.conf",
+    "./usr/lib/systemd/catalog/dsm-agent-sync.catalog",
+    "./usr/share/doc/dsm-agent-sync/examples/agent-sync.ini",
+    "./usr/share/doc/dsm-agent-sync/operations.md",
+    "./usr/share/man/man8/dsm-agent-syncd.8.gz",
+    "./usr/share/man/man8/dsm-agent-syncctl.8.gz",
+    "./usr/share/man/man5/dsm-agent-sync.ini.5.gz",
+] + [f"./lib/systemd/system/{u}" for u in UNITS]
+
+
+@pytest.fixture(scope="module")
+def deb():
+    need("dpkg-buildpackage")
+    need("dh")
+    out = Path(tempfile.mkdtemp(prefix="dsm-deb-test."))
+    try:
+        r = run([str(PKG / "build-deb.sh")], timeout=600, env=dict(os.environ, DSM_DEB_OUTDIR=str(out)))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        path = Path(r.stdout.strip().splitlines()[-1])
+        assert path.is_file()
+        yield path
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def deb_root(deb):
+    root = Path(tempfile.mkdtemp(prefix="dsm-deb-root."))
+    try:
+        r = run(["dpkg-deb", "-x", str(deb), str(root)])
+        assert r.returncode == 0, r.stderr
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_deb_contents(deb):
+    r = run(["dpkg-deb", "-c", str(deb)])
+    assert r.returncode == 0, r.stderr
+    listed = {line.split()[-1] for line in r.stdout.splitlines()}
+    missing = [f for f in EXPECTED_DEB_FILES if f not in listed]
+    assert not missing, missing
+    conffiles = run(["dpkg-deb", "-I", str(deb), "conffiles"]).stdout.split()
+    assert conffiles == ["/etc/dsm-agent-sync/agent-sync.ini"]
+    size = run(["dpkg-deb", "-f", str(deb), "Installed-Size"]).stdout.strip()
+    print(f"Installed-Size: {size} KiB, .deb {deb.stat().st_size} bytes")
+    scripts = Path(tempfile.mkdtemp())
+    try:
+        run(["dpkg-deb", "-e", str(deb), str(scripts)])
+        postinst = (scripts / "postinst").read_text()
+        # The user must exist before tmpfiles.d chowns /etc/dsm-agent to it.
+        assert postinst.index("systemd-sysusers") < postinst.index("systemd-tmpfiles")
+        assert "enable 'dsm-agent-syncd.service'" in postinst
+        assert "enable 'dsm-agent-sync-apply-update.path'" in postinst
+        assert "deb-systemd-helper enable 'dsm-agent-syncd.socket'" in postinst  # only if it was enabled
+    finally:
+        shutil.rmtree(scripts, ignore_errors=True)
+
+
+def test_deb_lintian_no_errors(deb):
+    need("lintian")
+    r = run(["lintian", "--fail-on", "error", "--no-tag-display-limit", str(deb)], timeout=300)
+    tags = [line for line in r.stdout.splitlines() if re.match(r"^[EWIPX]: ", line)]
+    print("\n".join(tags))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not [t for t in tags if t.startswith("E: ")]
+
+
+def test_deb_conffile_is_safe(deb_root):
+    conf = (deb_root / "etc/dsm-agent-sync/agent-sync.ini").read_text()
+    # Inside the sandbox systemctl cannot work: the path unit restarts the agent.
+    assert re.search(r"^on_change\s*=\s*$", conf, re.M), "packaged on_change must be empty"
+    assert re.search(r"^command\s*=\s*/usr/lib/dsm-agent-sync/apply-update\s*$", conf, re.M)
+    assert not re.search(r"^(token|password)\s*=", conf, re.M)
+
+
+def test_deb_binaries_check_the_example_config(deb_root):
+    daemon = deb_root / "usr/sbin/dsm-agent-syncd"
+    conf = deb_root / "etc/dsm-agent-sync/agent-sync.ini"
+    r = run([str(daemon), "--check-config", "-c", str(conf)], timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run([str(daemon), "--check-config", "-c", str(deb_root / "usr/share/doc/dsm-agent-sync/examples/agent-sync.ini")],
+            timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run([str(deb_root / "usr/bin/dsm-agent-syncctl"), "--help"], timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_deb_units_verify_against_installed_binaries(deb_root, tmp_path):
+    need("systemd-analyze")
+    units = tmp_path / "units"
+    units.mkdir()
+    text_map = {
+        "/usr/sbin/dsm-agent-syncd": deb_root / "usr/sbin/dsm-agent-syncd",
+        "/usr/lib/dsm-agent-sync/": str(deb_root / "usr/lib/dsm-agent-sync") + "/",
+    }
+    for u in UNITS:
+        text = (deb_root / "lib/systemd/system" / u).read_text()
+        for a, b in text_map.items():
+            text = text.replace(a, str(b))
+        (units / u).write_text(text)
+    r = run(["systemd-analyze", "verify", "--man=no"] + [str(units / u) for u in UNITS])
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+
+
+# --------------------------------------------------------------------------
+# the RPM spec
+
+
+def test_rpm_spec_builds(tmp_path):
+    need("rpmbuild")
+    version = re.search(r"^Version:\s*(\S+)", (PKG / "rpm/dsm-agent-sync.spec").read_text(), re.M).group(1)
+    top = tmp_path / "rpm"
+    (top / "SOURCES").mkdir(parents=True)
+    tarball = top / "SOURCES" / f"dsm-agent-sync-{version}.tar.gz"
+    r = run(["tar", "-C", str(TOP), "--exclude=./.git", "--exclude=./build", "--exclude=./build-san",
+             "--exclude=./dist", "--exclude=__pycache__", "--exclude=.pytest_cache",
+             f"--transform=s|^\\.|dsm-agent-sync-{version}|", "-czf", str(tarball), "."])
+    assert r.returncode == 0, r.stderr
+    # --nodeps: the BuildRequires name RPM packages (pkgconfig(...)) that a
+    # Debian rpm database does not know; the -dev packages are installed.
+    r = run(["rpmbuild", "--define", f"_topdir {top}", "--nodeps", "-bb",
+             str(PKG / "rpm/dsm-agent-sync.spec")], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rpms = list((top / "RPMS").rglob(f"dsm-agent-sync-{version}-*.rpm"))
+    assert rpms
+    listing = run(["rpm", "-qlp", str(rpms[0])]).stdout.split()
+    for f in ("/usr/sbin/dsm-agent-syncd", "/usr/lib/systemd/system/dsm-agent-syncd.service",
+              "/usr/lib/sysusers.d/dsm-agent-sync.conf", "/etc/dsm-agent-sync/agent-sync.ini"):
+        assert f in listing, f
