@@ -13,8 +13,9 @@
 typedef struct Runner Runner;
 
 /* status: the exit code (>= 0), or -SIGNUM when killed by a signal, or
- * -ETIMEDOUT when killed at the timeout, or another negative errno when it
- * could not be started. */
+ * -ETIMEDOUT when killed at the timeout. A child that could not be started
+ * (fork or execve failed: -ENOENT, -EACCES, ...) is reported by
+ * runner_start's return value instead, and done is not called. */
 typedef void (*runner_done_t)(Runner *r, int status, void *userdata);
 
 /* name is used in log lines ("on_change", "update"). */
@@ -22,8 +23,13 @@ int runner_new(sd_event *e, const char *name, Runner **ret);
 /* Kills a running child (SIGKILL) and reaps it. */
 Runner *runner_free(Runner *r);
 
-/* Starts argv[0] with argv, the daemon's environment plus env (NULL-
- * terminated "KEY=value" strings, may be NULL). -EBUSY when running. */
+/* Starts argv[0] with argv (searched in PATH only when it has no '/'),
+ * the daemon's environment plus env (NULL-terminated "KEY=value" strings,
+ * may be NULL; they replace variables of the same name). stdin is
+ * /dev/null; stdout and stderr are logged at info as "<name>: <line>".
+ * timeout 0 means none. Returns 0 once execve() succeeded; -EBUSY when
+ * running; the errno of a failed fork/execve otherwise. Blocks SIGCHLD
+ * (runner_new) as sd_event_add_child() requires. */
 int runner_start(Runner *r, char *const argv[], char *const env[], usec_t timeout, runner_done_t done,
                  void *userdata);
 bool runner_busy(const Runner *r);

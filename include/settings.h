@@ -13,7 +13,9 @@
 
 #define SETTINGS_MAX 8192
 
-/* Renders the exact file of contract section 5. Returns length or -ENOBUFS. */
+/* Renders the exact file of contract section 5. Returns length, -ENOBUFS,
+ * or -EINVAL when a value holds a control character (it would inject a
+ * line). */
 int settings_render(const Committed *c, char *buf, size_t size);
 
 typedef struct SettingsWriter SettingsWriter;
@@ -22,10 +24,11 @@ typedef struct Runner Runner;
 int settings_writer_new(sd_event *e, const Config *cfg, SettingsWriter **ret);
 SettingsWriter *settings_writer_free(SettingsWriter *w);
 
-/* Makes the file describe c: writes it if its content (or mode) differs,
- * then runs on_change. Failures are logged and retried with backoff;
- * returns 0 when written or unchanged, or the negative errno of the
- * failed write (a retry is already scheduled). */
+/* Makes the file describe c (epoch >= 1, else -EINVAL): writes it if its
+ * content (or mode) differs, then runs on_change when the content changed.
+ * Failures are logged and retried with backoff; returns 0 when written or
+ * unchanged, or the negative errno of the failed write (a retry is already
+ * scheduled). */
 int settings_writer_apply(SettingsWriter *w, const Committed *c);
 
 /* A new Config (SIGHUP): rewrites at once if path, mode or content differ. */

@@ -11,7 +11,7 @@
 #include "rule.h"
 
 typedef struct PersistentState {
-        Committed committed;            /* epoch 0: nothing committed yet */
+        Committed committed;               /* epoch 0: nothing committed yet */
         NodeRef nodes[PROVIDER_NODES_MAX]; /* the committed Primary's latest `nodes` */
         size_t n_nodes;
 
