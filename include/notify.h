@@ -14,9 +14,9 @@
 
 #include "config.h"
 
-#define NOTIFY_BODY_MAX 4096
+#define NOTIFY_BODY_MAX    4096
 #define NOTIFY_SUMMARY_MAX 320
-#define NOTIFY_ERROR_MAX 160
+#define NOTIFY_ERROR_MAX   160
 
 typedef struct NotifyServer NotifyServer;
 
@@ -72,10 +72,10 @@ typedef struct NotifyReply {
         /* 202 on notify/endpoints: the caller calls cb->notify with summary.
          * 200 on status: the caller supplies the body (cb->status). */
         bool run_action;
-        const char *allow; /* the Allow header of a 405 */
-        char *body;        /* malloc'd compact JSON, NULL when the caller supplies it */
-        char summary[NOTIFY_SUMMARY_MAX];  /* what a valid notify said, safe to log */
-        char reason[NOTIFY_ERROR_MAX];     /* why it was refused, safe to log */
+        const char *allow;                /* the Allow header of a 405 */
+        char *body;                       /* malloc'd compact JSON, NULL when the caller supplies it */
+        char summary[NOTIFY_SUMMARY_MAX]; /* what a valid notify said, safe to log */
+        char reason[NOTIFY_ERROR_MAX];    /* why it was refused, safe to log */
 } NotifyReply;
 
 void notify_handle_request(const NotifyRequest *req, NotifyReply *ret);

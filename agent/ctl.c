@@ -1,0 +1,368 @@
+/* dsm-agent-syncctl: asks the local daemon over its notify listener.
+ *
+ *   dsm-agent-syncctl [-c FILE] status [--json]
+ *   dsm-agent-syncctl [-c FILE] notify
+ *
+ * It reads the daemon's config for the listen address, TLS and the notify
+ * token, so it runs as a user who may read the token (root or the daemon's
+ * user). Exit status: 0 done, 1 the daemon did not answer or refused,
+ * 2 usage, 78 a bad config. */
+#include <arpa/inet.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "config.h"
+#include "macro.h"
+#include "manager.h"
+
+#define CTL_EXIT_FAIL    1
+#define CTL_EXIT_USAGE   2
+#define CTL_EXIT_CONFIG  78
+#define CTL_RESPONSE_MAX (1024 * 1024)
+#define CTL_TIMEOUT_MS   5000L
+
+typedef struct Buffer {
+        char *data;
+        size_t len;
+        bool overflow;
+} Buffer;
+
+typedef struct Target {
+        char url_base[128]; /* "https://127.0.0.1:8631" */
+        char display[80];   /* "127.0.0.1:8631" */
+} Target;
+
+static void help(void) {
+        printf("Usage: dsm-agent-syncctl [-c FILE] COMMAND\n"
+               "\n"
+               "Asks the local dsm-agent-syncd through its notify listener.\n"
+               "\n"
+               "Commands:\n"
+               "  status [--json]   show the daemon's state (--json: the status document)\n"
+               "  notify            wake the daemon: it polls every Provider node now\n"
+               "\n"
+               "Options:\n"
+               "  -c, --config FILE  the daemon's config (default %s)\n"
+               "  -h, --help         this help\n"
+               "      --version      the version\n",
+               CONFIG_DEFAULT_PATH);
+}
+
+/* The daemon listens on a wildcard address or on one address; a local
+ * client talks to loopback in the first case. */
+static int target_from_config(const Config *cfg, Target *ret) {
+        const struct sockaddr *sa = (const struct sockaddr *) &cfg->notify_addr;
+        const char *scheme = cfg->tls_cert ? "https" : "http";
+        char host[INET6_ADDRSTRLEN];
+        unsigned port;
+
+        if (sa->sa_family == AF_INET) {
+                const struct sockaddr_in *in = (const struct sockaddr_in *) sa;
+                struct in_addr a = in->sin_addr;
+
+                if (a.s_addr == htonl(INADDR_ANY))
+                        a.s_addr = htonl(INADDR_LOOPBACK);
+                if (!inet_ntop(AF_INET, &a, host, sizeof(host)))
+                        return -EINVAL;
+                port = ntohs(in->sin_port);
+                (void) snprintf(ret->display, sizeof(ret->display), "%s:%u", host, port);
+        } else if (sa->sa_family == AF_INET6) {
+                const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *) sa;
+                struct in6_addr a = in6->sin6_addr;
+
+                if (IN6_IS_ADDR_UNSPECIFIED(&a))
+                        a = in6addr_loopback;
+                if (!inet_ntop(AF_INET6, &a, host, sizeof(host)))
+                        return -EINVAL;
+                port = ntohs(in6->sin6_port);
+                (void) snprintf(ret->display, sizeof(ret->display), "[%s]:%u", host, port);
+        } else
+                return -EAFNOSUPPORT;
+        (void) snprintf(ret->url_base, sizeof(ret->url_base), "%s://%s", scheme, ret->display);
+        return 0;
+}
+
+static size_t on_data(char *ptr, size_t size, size_t nmemb, void *userdata) {
+        Buffer *b = userdata;
+        size_t n = size * nmemb;
+        char *p;
+
+        if (b->len + n > CTL_RESPONSE_MAX) {
+                b->overflow = true;
+                return 0;
+        }
+        p = realloc(b->data, b->len + n + 1);
+        if (!p)
+                return 0;
+        memcpy(p + b->len, ptr, n);
+        b->data = p;
+        b->len += n;
+        b->data[b->len] = 0;
+        return n;
+}
+
+/* One request to the daemon. Returns the HTTP status, or -1 after
+ * printing why the daemon did not answer. */
+static long request(const Config *cfg, const Target *t, const char *method, const char *path,
+                    const char *body, Buffer *out) {
+        char url[256], auth[1024], errbuf[CURL_ERROR_SIZE] = "";
+        struct curl_slist *headers = NULL;
+        CURL *c;
+        CURLcode rc;
+        long status = -1, os_errno = 0;
+
+        (void) snprintf(url, sizeof(url), "%s%s", t->url_base, path);
+        if (snprintf(auth, sizeof(auth), "Authorization: Bearer %s",
+                     cfg->notify_token ? cfg->notify_token : "") >= (int) sizeof(auth)) {
+                fprintf(stderr, "dsm-agent-syncctl: the notify token is too long\n");
+                return -1;
+        }
+        c = curl_easy_init();
+        if (!c) {
+                fprintf(stderr, "dsm-agent-syncctl: cannot initialize libcurl\n");
+                return -1;
+        }
+        headers = curl_slist_append(headers, auth);
+        if (body)
+                headers = curl_slist_append(headers, "Content-Type: application/json");
+        explicit_bzero(auth, sizeof(auth));
+
+        (void) curl_easy_setopt(c, CURLOPT_URL, url);
+        (void) curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
+        (void) curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+        (void) curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+        (void) curl_easy_setopt(c, CURLOPT_NOPROXY, "*");
+        (void) curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, CTL_TIMEOUT_MS);
+        (void) curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, CTL_TIMEOUT_MS);
+        (void) curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
+        (void) curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
+        (void) curl_easy_setopt(c, CURLOPT_WRITEDATA, out);
+        if (body)
+                (void) curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
+        if (cfg->tls_cert) {
+                /* The daemon's own certificate is the trust anchor (curl
+                 * accepts a partial chain), so the peer is still verified.
+                 * The host name is not: we connect to a loopback address,
+                 * which the certificate, made for the Provider's view of
+                 * this host, does not name. */
+                (void) curl_easy_setopt(c, CURLOPT_CAINFO, cfg->tls_cert);
+                (void) curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
+                (void) curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 0L);
+        }
+
+        rc = curl_easy_perform(c);
+        if (rc == CURLE_OK)
+                (void) curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+        else {
+                (void) curl_easy_getinfo(c, CURLINFO_OS_ERRNO, &os_errno);
+                fprintf(stderr, "dsm-agent-syncd is not answering on %s: %s\n", t->display,
+                        os_errno > 0 ? strerror((int) os_errno)
+                                     : (errbuf[0] ? errbuf : curl_easy_strerror(rc)));
+        }
+        curl_slist_free_all(headers);
+        curl_easy_cleanup(c);
+        return status;
+}
+
+/* Prints why the daemon refused, from its {"error": ...} answer. */
+static int refused(const Target *t, long status, const Buffer *b) {
+        json_t *j = b->data ? json_loadb(b->data, b->len, 0, NULL) : NULL;
+        const char *msg = json_string_value(json_object_get(j, "error"));
+
+        fprintf(stderr, "dsm-agent-syncd on %s refused the request: HTTP %ld%s%s\n", t->display, status,
+                msg ? ": " : "", msg ? msg : "");
+        if (status == 401)
+                fprintf(stderr, "(is [notify] token_file the one the daemon reads?)\n");
+        json_decref(j);
+        return CTL_EXIT_FAIL;
+}
+
+static const char *str(json_t *o, const char *key) {
+        const char *s = json_string_value(json_object_get(o, key));
+        return s ? s : "-";
+}
+
+static void print_counters(json_t *doc) {
+        json_t *c = json_object_get(doc, "counters");
+        const char *key;
+        json_t *v;
+        bool first = true;
+
+        printf("Counters:    ");
+        json_object_foreach(c, key, v) {
+                printf("%s%s %" JSON_INTEGER_FORMAT, first ? "" : ", ", key, json_integer_value(v));
+                first = false;
+        }
+        printf("%s\n", first ? "-" : "");
+}
+
+static void print_nodes(json_t *doc) {
+        json_t *nodes = json_object_get(doc, "nodes"), *n;
+        size_t i;
+
+        printf("Nodes:%s\n", json_array_size(nodes) ? "" : "       none known");
+        if (json_array_size(nodes) == 0)
+                return;
+        printf("  %-16s %-8s %-12s %-6s %-21s %s\n", "ID", "ROLE", "VERSION", "EPOCH", "LAST SEEN", "ERROR");
+        json_array_foreach(nodes, i, n) {
+                char epoch[24] = "-";
+
+                if (json_is_integer(json_object_get(n, "epoch")))
+                        (void) snprintf(epoch, sizeof(epoch), "%" JSON_INTEGER_FORMAT,
+                                        json_integer_value(json_object_get(n, "epoch")));
+                printf("  %-16s %-8s %-12s %-6s %-21s %s\n",
+                       json_is_string(json_object_get(n, "id")) ? str(n, "id") : str(n, "api_url"),
+                       str(n, "role"), str(n, "version"), epoch, str(n, "last_seen"), str(n, "error"));
+        }
+}
+
+static void print_human(json_t *doc) {
+        json_t *p = json_object_get(doc, "primary"), *b = json_object_get(p, "broker");
+        json_t *u = json_object_get(doc, "update"), *w = json_object_get(doc, "warnings"), *v;
+        size_t i;
+
+        if (json_is_object(p))
+                printf("Primary:     %s (%s), epoch %" JSON_INTEGER_FORMAT "\n", str(p, "id"),
+                       str(p, "api_url"), json_integer_value(json_object_get(doc, "epoch")));
+        else
+                printf("Primary:     none committed yet\n");
+        if (json_is_object(b))
+                printf("Broker:      %s:%" JSON_INTEGER_FORMAT " vhost %s%s, %s\n", str(b, "host"),
+                       json_integer_value(json_object_get(b, "port")), str(b, "vhost"),
+                       json_is_true(json_object_get(b, "tls")) ? " (tls)" : "",
+                       str(doc, "broker_connection"));
+        else
+                printf("Broker:      %s\n", str(doc, "broker_connection"));
+        printf("Last poll:   %s\n", str(doc, "last_poll"));
+        printf("Last change: %s\n", str(doc, "last_change"));
+        print_nodes(doc);
+        printf("Warnings:%s\n", json_array_size(w) ? "" : "    none");
+        json_array_foreach(w, i, v) printf("  %s\n", json_string_value(v) ? json_string_value(v) : "?");
+        printf("Update:      %s%s%s%s, target %s, installed %s\n", str(u, "state"),
+               json_is_string(json_object_get(u, "reason")) ? " (" : "",
+               json_is_string(json_object_get(u, "reason")) ? str(u, "reason") : "",
+               json_is_string(json_object_get(u, "reason")) ? ")" : "", str(u, "target"),
+               str(u, "installed"));
+        print_counters(doc);
+        printf("Daemon:      %s\n", str(doc, "daemon_version"));
+}
+
+static int cmd_status(const Config *cfg, const Target *t, bool json_out) {
+        Buffer b = {};
+        json_t *doc;
+        long status;
+        int r = CTL_EXIT_FAIL;
+
+        status = request(cfg, t, "GET", "/v1/status", NULL, &b);
+        if (status < 0)
+                goto out;
+        if (status != 200) {
+                r = refused(t, status, &b);
+                goto out;
+        }
+        doc = json_loadb(b.data ? b.data : "", b.len, 0, NULL);
+        if (!json_is_object(doc)) {
+                fprintf(stderr, "dsm-agent-syncd on %s sent a status that is not a JSON object\n",
+                        t->display);
+                json_decref(doc);
+                goto out;
+        }
+        if (json_out) {
+                (void) json_dumpf(doc, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+                putchar('\n');
+        } else
+                print_human(doc);
+        json_decref(doc);
+        r = 0;
+out:
+        free(b.data);
+        return r;
+}
+
+static int cmd_notify(const Config *cfg, const Target *t) {
+        Buffer b = {};
+        long status;
+        int r = CTL_EXIT_FAIL;
+
+        status = request(cfg, t, "POST", "/v1/notify", "{\"reason\":\"dsm-agent-syncctl\"}", &b);
+        if (status == 202) {
+                printf("dsm-agent-syncd accepted the notify: a poll round starts now\n");
+                r = 0;
+        } else if (status >= 0)
+                r = refused(t, status, &b);
+        free(b.data);
+        return r;
+}
+
+int main(int argc, char **argv) {
+        static const struct option opts[] = {
+                {"config", required_argument, NULL, 'c'},
+                {"help", no_argument, NULL, 'h'},
+                {"version", no_argument, NULL, 'V'},
+                {},
+        };
+        const char *path = CONFIG_DEFAULT_PATH, *cmd;
+        char err[CONFIG_ERROR_MAX] = "";
+        bool json_out = false;
+        Config *cfg = NULL;
+        Target t;
+        int c, r;
+
+        while ((c = getopt_long(argc, argv, "+c:h", opts, NULL)) >= 0)
+                switch (c) {
+                case 'c':
+                        path = optarg;
+                        break;
+                case 'h':
+                        help();
+                        return 0;
+                case 'V':
+                        printf("dsm-agent-syncctl %s\n", DAEMON_VERSION);
+                        return 0;
+                default:
+                        return CTL_EXIT_USAGE;
+                }
+        if (optind >= argc) {
+                fprintf(stderr, "dsm-agent-syncctl: missing command (status or notify); see --help\n");
+                return CTL_EXIT_USAGE;
+        }
+        cmd = argv[optind++];
+        if (strcmp(cmd, "status") == 0 && optind < argc && strcmp(argv[optind], "--json") == 0) {
+                json_out = true;
+                optind++;
+        }
+        if ((strcmp(cmd, "status") != 0 && strcmp(cmd, "notify") != 0) || optind < argc) {
+                fprintf(stderr, "dsm-agent-syncctl: unknown command or argument '%s'; see --help\n",
+                        optind < argc ? argv[optind] : cmd);
+                return CTL_EXIT_USAGE;
+        }
+
+        r = config_load(path, &cfg, err, sizeof(err));
+        if (r < 0) {
+                fprintf(stderr, "%s\n", err[0] ? err : path);
+                return CTL_EXIT_CONFIG;
+        }
+        if (!cfg->notify_enabled) {
+                fprintf(stderr,
+                        "dsm-agent-syncctl: [notify] listen is off in %s: the daemon cannot be asked\n",
+                        path);
+                config_free(cfg);
+                return CTL_EXIT_FAIL;
+        }
+        if (target_from_config(cfg, &t) < 0) {
+                fprintf(stderr, "dsm-agent-syncctl: unusable [notify] listen address in %s\n", path);
+                config_free(cfg);
+                return CTL_EXIT_CONFIG;
+        }
+
+        curl_global_init(CURL_GLOBAL_DEFAULT);
+        r = strcmp(cmd, "status") == 0 ? cmd_status(cfg, &t, json_out) : cmd_notify(cfg, &t);
+        curl_global_cleanup();
+        config_free(cfg);
+        return r;
+}

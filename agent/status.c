@@ -1,0 +1,157 @@
+/* The status document of contract section 7, built from the Manager's live
+ * state. Read-only: it never changes the manager, and every sub-object may
+ * be absent (a daemon in --once mode has no listener, a daemon without a
+ * committed Primary has no broker target). */
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "manager.h"
+
+/* "2026-11-25T16:30:00Z", or JSON null for 0 ("never"). */
+static json_t *rfc3339_or_null(uint64_t usec) {
+        char buf[32];
+        struct tm tm;
+        time_t t;
+
+        if (usec == 0)
+                return json_null();
+        t = (time_t) (usec / USEC_PER_SEC);
+        if (!gmtime_r(&t, &tm) || strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+                return json_null();
+        return json_string(buf);
+}
+
+static json_t *string_or_null(const char *s) {
+        return s && s[0] ? json_string(s) : json_null();
+}
+
+static json_t *broker_json(const BrokerInfo *b) {
+        return json_pack("{s:s, s:i, s:s, s:b}", "host", b->host, "port", (int) b->port, "vhost", b->vhost,
+                         "tls", b->tls);
+}
+
+static json_t *primary_json(const Committed *c) {
+        if (c->epoch == 0)
+                return json_null();
+        return json_pack("{s:s, s:s, s:o}", "id", c->primary.id, "api_url", c->primary.api_url, "broker",
+                         broker_json(&c->broker));
+}
+
+/* The node id of a target: from its own answer, else from the cluster
+ * list persisted with the committed Primary. */
+static const char *target_id(const Manager *m, const PollTarget *t) {
+        if (t->have_state)
+                return t->state.node.id;
+        for (size_t i = 0; i < m->state.n_nodes; i++)
+                if (strcmp(m->state.nodes[i].api_url, t->url) == 0)
+                        return m->state.nodes[i].id;
+        return NULL;
+}
+
+static json_t *node_json(const Manager *m, const PollTarget *t) {
+        const ProviderState *st = t->have_state ? &t->state : NULL;
+
+        return json_pack("{s:o, s:s, s:o, s:o, s:o, s:o, s:o}", "id", string_or_null(target_id(m, t)),
+                         "api_url", t->url, "role",
+                         st ? json_string(st->role == NODE_ROLE_PRIMARY ? "primary" : "standby")
+                            : json_null(),
+                         "version", st ? json_string(st->version) : json_null(), "epoch",
+                         st ? json_integer((json_int_t) st->epoch) : json_null(), "last_seen",
+                         rfc3339_or_null(t->last_seen_usec), "error", string_or_null(t->error));
+}
+
+/* Every node asked at its own address. The load balancer answers for an
+ * arbitrary node, so it is never shown as one. */
+static json_t *nodes_json(Manager *m) {
+        json_t *a = json_array();
+        size_t n = m->poller ? poller_n_targets(m->poller) : 0;
+
+        for (size_t i = 0; a && i < n; i++) {
+                const PollTarget *t = poller_target(m->poller, i);
+
+                if (!t || t->via_load_balancer)
+                        continue;
+                if (json_array_append_new(a, node_json(m, t)) < 0) {
+                        json_decref(a);
+                        return NULL;
+                }
+        }
+        return a;
+}
+
+static json_t *warnings_json(const Manager *m) {
+        json_t *a = json_array();
+
+        for (size_t i = 0; a && i < m->n_warnings && i < MANAGER_MAX_WARNINGS; i++)
+                if (json_array_append_new(a, json_string(m->warnings[i])) < 0) {
+                        json_decref(a);
+                        return NULL;
+                }
+        return a;
+}
+
+/* The version offered by the committed Primary's latest answer. */
+static const char *offered_version(Manager *m) {
+        const Committed *c = &m->state.committed;
+        size_t n = m->poller ? poller_n_targets(m->poller) : 0;
+
+        if (c->epoch == 0)
+                return NULL;
+        for (size_t i = 0; i < n; i++) {
+                const PollTarget *t = poller_target(m->poller, i);
+
+                if (t && !t->via_load_balancer && t->have_state &&
+                    strcmp(t->state.node.id, c->primary.id) == 0 && t->state.update.present)
+                        return t->state.update.version;
+        }
+        return NULL;
+}
+
+/* The gate's verdict, refined by what the updater is doing right now. */
+static json_t *update_json(Manager *m) {
+        const char *state = gate_state_to_string(m->gate.state);
+        const char *reason = m->gate.reason;
+
+        if (m->updater) {
+                switch (updater_phase(m->updater)) {
+                case UPDATER_DOWNLOADING:
+                        state = "downloading";
+                        reason = NULL;
+                        break;
+                case UPDATER_APPLYING:
+                        state = "applying";
+                        reason = NULL;
+                        break;
+                case UPDATER_FAILED:
+                        state = "failed";
+                        reason = updater_last_error(m->updater);
+                        break;
+                default:
+                        break;
+                }
+        }
+        return json_pack("{s:s, s:o, s:o, s:o}", "state", state ? state : "none", "reason",
+                         string_or_null(reason), "target", string_or_null(offered_version(m)), "installed",
+                         string_or_null(m->installed_version));
+}
+
+static const char *broker_connection(const Manager *m) {
+        if (!m->broker)
+                return "down";
+        return broker_conn_state_to_string(broker_state(m->broker));
+}
+
+json_t *manager_status_json(Manager *m) {
+        if (!m)
+                return NULL;
+        /* json_pack steals the "o" references, also on failure. */
+        return json_pack(
+                "{s:s, s:I, s:o, s:s, s:o, s:o, s:o*, s:o*, s:o*, s:{s:I, s:I, s:I, s:I}}", "daemon_version",
+                DAEMON_VERSION, "epoch", (json_int_t) m->state.committed.epoch, "primary",
+                primary_json(&m->state.committed), "broker_connection", broker_connection(m), "last_poll",
+                rfc3339_or_null(m->last_poll_usec), "last_change", rfc3339_or_null(m->last_change_usec),
+                "nodes", nodes_json(m), "warnings", warnings_json(m), "update", update_json(m), "counters",
+                "polls", (json_int_t) m->counters.polls, "events", (json_int_t) m->counters.events,
+                "notifies", (json_int_t) m->counters.notifies, "changes", (json_int_t) m->counters.changes);
+}
