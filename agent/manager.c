@@ -18,6 +18,7 @@
 #include <systemd/sd-daemon.h>
 #include <time.h>
 
+#include "atomic_file.h"
 #include "log.h"
 #include "macro.h"
 
@@ -427,8 +428,15 @@ static void manager_evaluate_gate(Manager *m) {
             updater_phase(m->updater) != UPDATER_DOWNLOADING &&
             updater_phase(m->updater) != UPDATER_APPLYING) {
                 int r = updater_start(m->updater, offer);
-                if (r < 0 && r != -EAGAIN && r != -EBUSY)
-                        log_warning_errno(r, "Cannot start the agent update %s", offer->version);
+                /* A refused offer is refused again every round: say it once per version. */
+                if (r < 0 && r != -EAGAIN && r != -EBUSY &&
+                    strcmp(m->refused_update_version, offer->version) != 0) {
+                        log_struct(LOG_WARNING, r, MID_UPDATE_FAILED,
+                                   &(LogFields){.version = offer->version, .reason = "refused"},
+                                   "Cannot start the agent update %s", offer->version);
+                        strscpy(m->refused_update_version, sizeof(m->refused_update_version),
+                                offer->version);
+                }
         }
 }
 
@@ -446,6 +454,30 @@ static void manager_print_once_summary(Manager *m) {
                c->broker.tls ? "true" : "false",
                settings_writer_error(m->settings) < 0 ? "write-failed" : "ok",
                gate_state_to_string(m->gate.state), m->gate.reason[0] ? ": " : "", m->gate.reason);
+}
+
+/* --once ends when the round is done and a triggered on_change has
+ * finished (bounded by on_change_timeout): the caller may rely on the
+ * Agent having been told. */
+static int on_once_check(sd_event_source *s, uint64_t usec, void *userdata) {
+        Manager *m = userdata;
+
+        if (settings_writer_busy(m->settings) && now_usec(CLOCK_MONOTONIC) < m->once_deadline_usec) {
+                (void) sd_event_source_set_time(s, usec + 20 * USEC_PER_MSEC);
+                return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        }
+        manager_print_once_summary(m);
+        m->exit_code = m->state.committed.epoch > 0 && settings_writer_error(m->settings) == 0 ? 0 : 2;
+        return sd_event_exit(m->event, m->exit_code);
+}
+
+static void manager_finish_once(Manager *m) {
+        uint64_t now = now_usec(CLOCK_MONOTONIC);
+
+        m->once_deadline_usec = now + m->config->on_change_timeout + USEC_PER_SEC;
+        if (sd_event_add_time(m->event, &m->once_timer, CLOCK_MONOTONIC, now, USEC_PER_MSEC, on_once_check,
+                              m) < 0)
+                (void) sd_event_exit(m->event, 2);
 }
 
 static void on_round_done(Poller *p, void *userdata) {
@@ -486,10 +518,7 @@ static void on_round_done(Poller *p, void *userdata) {
                 discovery_rounds = 0;
 
         if (m->once && !m->round_pending) {
-                manager_print_once_summary(m);
-                m->exit_code =
-                        m->state.committed.epoch > 0 && settings_writer_error(m->settings) == 0 ? 0 : 2;
-                (void) sd_event_exit(m->event, m->exit_code);
+                manager_finish_once(m);
                 return;
         }
         if (m->round_pending)
@@ -629,7 +658,11 @@ static int manager_setup_watchdog(Manager *m) {
 
 static int manager_load_state(Manager *m) {
         char err[256];
-        int r = state_load(m->config->state_file, &m->state, err, sizeof(err));
+        int r;
+
+        /* Leftovers of a crash in the middle of a state write. */
+        (void) atomic_file_sweep(m->config->state_file);
+        r = state_load(m->config->state_file, &m->state, err, sizeof(err));
 
         if (r < 0)
                 return log_error_errno(r,
@@ -746,6 +779,7 @@ Manager *manager_free(Manager *m) {
         sd_event_source_disable_unref(m->sighup);
         sd_event_source_disable_unref(m->poll_timer);
         sd_event_source_disable_unref(m->watchdog_timer);
+        sd_event_source_disable_unref(m->once_timer);
         updater_free(m->updater);
         notify_server_free(m->notify);
         broker_free(m->broker);

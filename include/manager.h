@@ -21,9 +21,9 @@
 #include "state.h"
 #include "updater.h"
 
-#define DAEMON_VERSION "0.1.0"
-#define MANAGER_MAX_WARNINGS 16
-#define MANAGER_WARNING_MAX 256
+#define DAEMON_VERSION           "0.1.0"
+#define MANAGER_MAX_WARNINGS     16
+#define MANAGER_WARNING_MAX      256
 #define MANAGER_MAX_CHANGE_TIMES 8
 
 typedef struct Manager {
@@ -33,8 +33,10 @@ typedef struct Manager {
         int exit_code;
 
         sd_event_source *sigterm, *sigint, *sighup;
-        sd_event_source *poll_timer;    /* next scheduled round */
+        sd_event_source *poll_timer; /* next scheduled round */
         sd_event_source *watchdog_timer;
+        sd_event_source *once_timer; /* --once: waits for on_change */
+        uint64_t once_deadline_usec;
         uint64_t watchdog_usec;
 
         Poller *poller;
@@ -55,8 +57,8 @@ typedef struct Manager {
         RuleResult last_rule;
         char warnings[MANAGER_MAX_WARNINGS][MANAGER_WARNING_MAX];
         size_t n_warnings;
-        uint64_t last_poll_usec;   /* CLOCK_REALTIME, 0 never */
-        uint64_t last_change_usec; /* CLOCK_REALTIME, 0 never */
+        uint64_t last_poll_usec;                         /* CLOCK_REALTIME, 0 never */
+        uint64_t last_change_usec;                       /* CLOCK_REALTIME, 0 never */
         uint64_t change_times[MANAGER_MAX_CHANGE_TIMES]; /* CLOCK_MONOTONIC of recent Primary changes */
         size_t n_change_times;
 
@@ -65,6 +67,7 @@ typedef struct Manager {
         unsigned agreeing_rounds;
         char agreeing_version[PROVIDER_VERSION_MAX + 1];
         char installed_version[PROVIDER_VERSION_MAX + 1];
+        char refused_update_version[PROVIDER_VERSION_MAX + 1]; /* logged once */
 
         struct {
                 uint64_t polls, events, notifies, changes;
