@@ -21,6 +21,8 @@ typedef enum BrokerConnState {
 
 typedef struct Broker Broker;
 
+/* Callbacks run on the loop. They may call broker_set_target() and
+ * broker_reconfigure(), never broker_free(). */
 typedef struct BrokerCallbacks {
         /* An event arrived (already acknowledged). body is not NUL-terminated. */
         void (*event)(Broker *b, const char *routing_key, const void *body, size_t len, void *userdata);
