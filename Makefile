@@ -113,6 +113,15 @@ bench: deps
 	$(MAKE) all $(TOOLS)
 	DSM_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) tests/bench/run.py
 
+# The whole product live on loopback (tests/demo.py): real RabbitMQ nodes, the
+# Provider HA cluster simulator, AGENTS dsm-agent-syncd daemons (default 1).
+#   make demo             one agent, the story step by step
+#   make demo AGENTS=50   a fleet, with convergence percentiles per step
+AGENTS ?= 1
+demo: deps
+	$(MAKE) all $(TOOLS)
+	PYTHONDONTWRITEBYTECODE=1 DSM_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) tests/demo.py --agents $(AGENTS)
+
 install: all
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR)
 	install -m 0755 $(BUILD)/dsm-agent-syncd $(DESTDIR)$(SBINDIR)/dsm-agent-syncd
@@ -123,7 +132,7 @@ install: all
 clean:
 	rm -rf build build-san build-fuzz
 
-.PHONY: all deps unit integration check bench install clean fuzz format-check
+.PHONY: all demo deps unit integration check bench install clean fuzz format-check
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
 
