@@ -75,16 +75,24 @@ int main(int argc, char *argv[]) {
                         return 0;
                 default:
                         fprintf(stderr, "Try 'dsm-agent-syncd --help'.\n");
-                        return EXIT_CONFIG - 14; /* 64, EX_USAGE */
+                        return EXIT_FAILURE; /* contract: 1 for any other fatal error */
                 }
         if (optind < argc) {
                 fprintf(stderr, "dsm-agent-syncd: unexpected argument '%s'\n", argv[optind]);
-                return 64;
+                return EXIT_FAILURE;
         }
 
         r = config_load(path, &config, err, sizeof(err));
         if (r < 0) {
+                /* FILE:LINE: message on stderr, as the contract says; under
+                 * systemd also as a structured entry support can search for. */
                 fprintf(stderr, "%s\n", err);
+                if (!check_only) {
+                        log_setup(LOG_TARGET_AUTO, LOG_INFO);
+                        if (log_is_journal())
+                                log_struct(LOG_ERR, 0, MID_CONFIG_REJECTED, &(LogFields){.reason = err},
+                                           "Configuration rejected: %s", err);
+                }
                 return EXIT_CONFIG;
         }
         if (check_only) {

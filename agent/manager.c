@@ -111,6 +111,8 @@ static void manager_update_warnings(Manager *m) {
         if (werr < 0)
                 add_warning(m, "settings file %s not written: %s", m->config->settings_file,
                             strerror(-werr));
+        if (m->state_save_failed)
+                add_warning(m, "state file %s not written: commits are held", m->config->state_file);
         if (m->state.committed.epoch == 0)
                 add_warning(m, "no primary committed yet");
 }
@@ -156,22 +158,76 @@ static void manager_start_round(Manager *m) {
 
         (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_OFF);
         m->round_pending = false;
-        m->round_started_usec = now_usec(CLOCK_MONOTONIC);
+        m->hint_pending = false;
+        m->last_round_start_usec = now_usec(CLOCK_MONOTONIC);
         r = poller_start_round(m->poller, on_round_done, m);
         if (r < 0) {
                 log_warning_errno(r, "Cannot start a poll round");
                 manager_schedule_next(m);
+                return;
         }
+        /* curl bounds every request by request_timeout; this bounds the
+         * round itself, should a transfer ever fail to finish. */
+        (void) sd_event_source_set_time(
+                m->round_deadline, now_usec(CLOCK_MONOTONIC) + m->config->request_timeout + USEC_PER_SEC);
+        (void) sd_event_source_set_enabled(m->round_deadline, SD_EVENT_ONESHOT);
 }
 
-void manager_request_round(Manager *m, const char *why) {
+static int on_round_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
+        Manager *m = userdata;
+
+        if (!poller_in_flight(m->poller))
+                return 0;
+        log_warning("Poll round did not finish within request_timeout, cutting it off");
+        poller_abort(m->poller);
+        on_round_done(m->poller, m);
+        return 0;
+}
+
+/* Hints (events, notifies) may come in storms: after a round has started,
+ * the next hint round waits until fast_poll_interval has passed, so a
+ * burst of any size costs a handful of rounds. */
+static uint64_t hint_not_before(const Manager *m) {
+        return m->last_round_start_usec + m->config->fast_poll_interval;
+}
+
+static void manager_defer_hint_round(Manager *m) {
+        uint64_t when = hint_not_before(m), armed = 0;
+        int enabled = SD_EVENT_OFF;
+
+        (void) sd_event_source_get_enabled(m->poll_timer, &enabled);
+        (void) sd_event_source_get_time(m->poll_timer, &armed);
+        if (enabled != SD_EVENT_OFF && armed <= when)
+                return;
+        (void) sd_event_source_set_time(m->poll_timer, when);
+        (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_ONESHOT);
+}
+
+static void manager_request(Manager *m, const char *why, bool hint) {
         if (why)
                 log_debug("Poll round requested: %s", why);
-        if (poller_in_flight(m->poller)) {
-                m->round_pending = true;
+        /* While a round's answers are being judged (commit, broker move,
+         * gate), a new round would clobber them: it waits its turn. */
+        if (poller_in_flight(m->poller) || m->in_round_done) {
+                if (hint)
+                        m->hint_pending = true;
+                else
+                        m->round_pending = true;
+                return;
+        }
+        if (hint && now_usec(CLOCK_MONOTONIC) < hint_not_before(m)) {
+                manager_defer_hint_round(m);
                 return;
         }
         manager_start_round(m);
+}
+
+void manager_request_round(Manager *m, const char *why) {
+        manager_request(m, why, false);
+}
+
+void manager_request_hint_round(Manager *m, const char *why) {
+        manager_request(m, why, true);
 }
 
 /* ---- after a round: discovery ---- */
@@ -183,9 +239,25 @@ static bool url_listed(const char *const *list, size_t n, const char *url) {
         return false;
 }
 
-static void add_nodes(const char **list, size_t *n, size_t max, const NodeRef *nodes, size_t n_nodes) {
+/* A discovered URL receives the Provider token: never one with userinfo,
+ * and plain http only when the configuration itself uses plain http. */
+static bool discovered_url_acceptable(const Config *c, const char *url) {
+        const char *host = strstr(url, "://");
+        bool config_plain = c->load_balancer && strncmp(c->load_balancer, "http://", 7) == 0;
+
+        if (!host || strchr(host, '@'))
+                return false;
+        for (size_t i = 0; i < c->n_endpoints; i++)
+                if (strncmp(c->endpoints[i], "http://", 7) == 0)
+                        config_plain = true;
+        return config_plain || strncmp(url, "https://", 8) == 0;
+}
+
+static void add_nodes(Manager *m, const char **list, size_t *n, size_t max, const NodeRef *nodes,
+                      size_t n_nodes) {
         for (size_t i = 0; i < n_nodes && *n < max; i++)
-                if (!url_listed(list, *n, nodes[i].api_url))
+                if (!url_listed(list, *n, nodes[i].api_url) &&
+                    discovered_url_acceptable(m->config, nodes[i].api_url))
                         list[(*n)++] = nodes[i].api_url;
 }
 
@@ -197,18 +269,22 @@ static bool manager_refresh_targets(Manager *m) {
         size_t n = 0;
         bool added = false;
 
-        add_nodes(extra, &n, ELEMENTSOF(extra), m->state.nodes, m->state.n_nodes);
+        add_nodes(m, extra, &n, ELEMENTSOF(extra), m->state.nodes, m->state.n_nodes);
         for (size_t i = 0; i < poller_n_targets(m->poller); i++) {
                 PollTarget *t = poller_target(m->poller, i);
                 if (!t->ok || (!t->via_load_balancer && m->state.committed.epoch > 0))
                         continue;
-                add_nodes(extra, &n, ELEMENTSOF(extra), t->state.nodes, t->state.n_nodes);
+                add_nodes(m, extra, &n, ELEMENTSOF(extra), t->state.nodes, t->state.n_nodes);
         }
+        bool known[4 * PROVIDER_NODES_MAX];
         for (size_t i = 0; i < n; i++)
-                if (!poller_find(m->poller, extra[i]))
-                        added = true;
+                known[i] = poller_find(m->poller, extra[i]) != NULL;
         if (poller_set_targets(m->poller, extra, n) < 0)
                 return false;
+        /* New means: not polled before and actually taken (under the cap). */
+        for (size_t i = 0; i < n; i++)
+                if (!known[i] && poller_find(m->poller, extra[i]))
+                        added = true;
         return added;
 }
 
@@ -260,17 +336,15 @@ static int manager_save_state(Manager *m) {
 
 /* Stale primaries are logged once per node and epoch: a ring of the last
  * few is enough, since a stale node keeps its epoch while it is stale. */
-static bool stale_logged(const RuleStale *s) {
-        static RuleStale logged[MAX_LOGGED_STALE];
-        static size_t next, used;
-
-        for (size_t i = 0; i < used; i++)
-                if (logged[i].epoch == s->epoch && strcmp(logged[i].node_id, s->node_id) == 0)
+static bool stale_logged(Manager *m, const RuleStale *s) {
+        for (size_t i = 0; i < m->logged_stale_used; i++)
+                if (m->logged_stale[i].epoch == s->epoch &&
+                    strcmp(m->logged_stale[i].node_id, s->node_id) == 0)
                         return true;
-        logged[next] = *s;
-        next = (next + 1) % MAX_LOGGED_STALE;
-        if (used < MAX_LOGGED_STALE)
-                used++;
+        m->logged_stale[m->logged_stale_next] = *s;
+        m->logged_stale_next = (m->logged_stale_next + 1) % ELEMENTSOF(m->logged_stale);
+        if (m->logged_stale_used < ELEMENTSOF(m->logged_stale))
+                m->logged_stale_used++;
         return false;
 }
 
@@ -279,12 +353,13 @@ static void manager_log_rule(Manager *m, const RuleResult *res) {
 
         for (size_t i = 0; i < res->n_stale; i++) {
                 const RuleStale *s = &res->stale[i];
-                if (stale_logged(s))
+                if (stale_logged(m, s))
                         continue;
                 log_struct(LOG_WARNING, 0, MID_STALE_PRIMARY,
                            &(LogFields){.epoch = s->epoch, .node_id = s->node_id, .reason = "stale_primary"},
                            "Ignoring stale primary %s: it claims epoch %" PRIu64 ", committed is %" PRIu64,
-                           s->node_id, s->epoch, m->state.committed.epoch);
+                           s->node_id, s->epoch,
+                           res->verdict == RULE_COMMIT ? res->next.epoch : m->state.committed.epoch);
         }
         if (res->conflict && (!prev->conflict || prev->conflict_epoch != res->conflict_epoch ||
                               strcmp(prev->conflict_a, res->conflict_a) != 0 ||
@@ -301,9 +376,19 @@ static void manager_commit(Manager *m, const RuleResult *res) {
         const Committed *c = &res->next;
         uint64_t now = now_usec(CLOCK_MONOTONIC);
 
+        PersistentState prev = m->state;
+
         m->state.committed = *c;
         (void) manager_learn_nodes(m);
-        (void) manager_save_state(m);
+        /* The epoch fence must survive a restart before anything acts on
+         * the new pair; without the state file nothing moves (retried next
+         * round). */
+        if (manager_save_state(m) < 0) {
+                m->state = prev;
+                m->state_save_failed = true;
+                return;
+        }
+        m->state_save_failed = false;
 
         log_struct(LOG_NOTICE, 0, MID_PRIMARY_COMMITTED,
                    &(LogFields){.epoch = c->epoch,
@@ -341,7 +426,9 @@ static void manager_log_targets(Manager *m) {
                 if (strcmp(t->error, t->reported_error) == 0)
                         continue;
                 if (t->error[0])
-                        log_struct(LOG_WARNING, 0, NULL, &(LogFields){.reason = t->error},
+                        log_struct(LOG_WARNING, 0, NULL,
+                                   &(LogFields){.reason = t->error,
+                                                .node_id = t->have_state ? t->state.node.id : NULL},
                                    "Provider %s%s failed: %s", t->url,
                                    t->via_load_balancer ? " (load balancer)" : "", t->error);
                 else
@@ -361,14 +448,13 @@ static const PollTarget *direct_answer(Manager *m, const NodeRef *node) {
         return t;
 }
 
-static void manager_evaluate_gate(Manager *m) {
-        const Config *c = m->config;
-        const ProviderState *primary = answer_of(m, m->state.committed.primary.id, true);
-        const AgentUpdate *offer = primary && primary->update.present ? &primary->update : NULL;
-        GateNode nodes[PROVIDER_NODES_MAX] = {};
-        bool all_agree = m->state.n_nodes > 0;
-        GateResult res;
-        char prev_reason[GATE_REASON_MAX];
+/* Fills nodes[] from this round and counts the consecutive rounds in which
+ * every node answered directly with the offered version. Counting starts
+ * with the first round that sees the offer (contract 8), and rounds closer
+ * together than half a poll interval (an event burst) count once. */
+static void manager_count_agreement(Manager *m, const AgentUpdate *offer, GateNode *nodes) {
+        uint64_t now = now_usec(CLOCK_MONOTONIC);
+        bool agree = offer && m->state.n_nodes > 0;
 
         for (size_t i = 0; i < m->state.n_nodes; i++) {
                 const PollTarget *t = direct_answer(m, &m->state.nodes[i]);
@@ -376,27 +462,75 @@ static void manager_evaluate_gate(Manager *m) {
                 nodes[i].answered_direct = t != NULL;
                 if (t)
                         strscpy(nodes[i].version, sizeof(nodes[i].version), t->state.version);
-                if (!t || strcmp(nodes[i].version, nodes[0].version) != 0)
-                        all_agree = false;
+                if (!t || !offer || strcmp(nodes[i].version, offer->version) != 0)
+                        agree = false;
         }
-        if (all_agree && strcmp(m->agreeing_version, nodes[0].version) == 0)
-                m->agreeing_rounds++;
-        else if (all_agree) {
-                m->agreeing_rounds = 1;
-                strscpy(m->agreeing_version, sizeof(m->agreeing_version), nodes[0].version);
-        } else {
+        if (!agree) {
                 m->agreeing_rounds = 0;
                 m->agreeing_version[0] = 0;
+                return;
         }
+        if (strcmp(m->agreeing_version, offer->version) != 0) {
+                strscpy(m->agreeing_version, sizeof(m->agreeing_version), offer->version);
+                m->agreeing_rounds = 0;
+        }
+        if (m->agreeing_rounds == 0 || now - m->agreement_counted_usec >= m->config->poll_interval / 2) {
+                m->agreeing_rounds++;
+                m->agreement_counted_usec = now;
+        }
+}
 
-        (void) updater_read_installed(c, m->installed_version, sizeof(m->installed_version));
-        if (offer && c->update_enabled && strcmp(m->state.delay_version, offer->version) != 0) {
-                /* Drawn once per offered version and kept across restarts. */
-                strscpy(m->state.delay_version, sizeof(m->state.delay_version), offer->version);
-                m->state.delay_not_before_usec =
-                        now_usec(CLOCK_REALTIME) + (uint64_t) (random_unit() * (double) c->max_delay);
-                (void) manager_save_state(m);
+/* The random delay is drawn once per offered version and kept across restarts. */
+static void manager_draw_delay(Manager *m, const AgentUpdate *offer) {
+        if (!offer || !m->config->update_enabled || strcmp(m->state.delay_version, offer->version) == 0)
+                return;
+        strscpy(m->state.delay_version, sizeof(m->state.delay_version), offer->version);
+        m->state.delay_not_before_usec =
+                now_usec(CLOCK_REALTIME) + (uint64_t) (random_unit() * (double) m->config->max_delay);
+        (void) manager_save_state(m);
+}
+
+/* "delay: 143s" counts down every round; only a change of state or of the
+ * kind of reason is news worth a log line. */
+static bool gate_result_same(const GateResult *a, const GateResult *b) {
+        size_t n = strcspn(a->reason, ":");
+
+        if (a->state != b->state)
+                return false;
+        if (a->state == GATE_WAITING)
+                return n == strcspn(b->reason, ":") && strncmp(a->reason, b->reason, n) == 0;
+        return strcmp(a->reason, b->reason) == 0;
+}
+
+static void manager_start_update(Manager *m, const AgentUpdate *offer) {
+        UpdaterPhase phase = updater_phase(m->updater);
+        int r;
+
+        if (m->once || phase == UPDATER_DOWNLOADING || phase == UPDATER_APPLYING)
+                return;
+        r = updater_start(m->updater, offer);
+        /* A refused offer is refused again every round: say it once per version. */
+        if (r < 0 && r != -EAGAIN && r != -EBUSY && strcmp(m->refused_update_version, offer->version) != 0) {
+                log_struct(LOG_WARNING, r, MID_UPDATE_FAILED,
+                           &(LogFields){.version = offer->version, .reason = "refused"},
+                           "Cannot start the agent update %s", offer->version);
+                strscpy(m->refused_update_version, sizeof(m->refused_update_version), offer->version);
         }
+}
+
+static void manager_evaluate_gate(Manager *m) {
+        const Config *c = m->config;
+        const ProviderState *primary = answer_of(m, m->state.committed.primary.id, true);
+        const AgentUpdate *offer = NULL;
+        GateNode nodes[PROVIDER_NODES_MAX] = {};
+        GateResult res;
+
+        /* The offer is the committed Primary's, at the committed epoch. */
+        if (primary && primary->epoch == m->state.committed.epoch && primary->update.present)
+                offer = &primary->update;
+        manager_count_agreement(m, offer, nodes);
+        (void) updater_read_installed(c, m->installed_version, sizeof(m->installed_version));
+        manager_draw_delay(m, offer);
 
         GateInput in = {
                 .enabled = c->update_enabled,
@@ -416,28 +550,15 @@ static void manager_evaluate_gate(Manager *m) {
         };
         gate_evaluate(&in, &res);
 
-        strscpy(prev_reason, sizeof(prev_reason), m->gate.reason);
-        m->gate = res;
-        if ((res.state == GATE_HELD || res.state == GATE_WAITING) && strcmp(prev_reason, res.reason) != 0)
+        if ((res.state == GATE_HELD || res.state == GATE_WAITING) && !gate_result_same(&m->gate, &res))
                 log_struct(LOG_INFO, 0, MID_UPDATE_HELD,
                            &(LogFields){.version = offer ? offer->version : NULL, .reason = res.reason},
                            "Agent update %s %s: %s", offer ? offer->version : "",
                            gate_state_to_string(res.state), res.reason);
+        m->gate = res;
 
-        if (res.state == GATE_OPEN && m->updater && !m->once &&
-            updater_phase(m->updater) != UPDATER_DOWNLOADING &&
-            updater_phase(m->updater) != UPDATER_APPLYING) {
-                int r = updater_start(m->updater, offer);
-                /* A refused offer is refused again every round: say it once per version. */
-                if (r < 0 && r != -EAGAIN && r != -EBUSY &&
-                    strcmp(m->refused_update_version, offer->version) != 0) {
-                        log_struct(LOG_WARNING, r, MID_UPDATE_FAILED,
-                                   &(LogFields){.version = offer->version, .reason = "refused"},
-                                   "Cannot start the agent update %s", offer->version);
-                        strscpy(m->refused_update_version, sizeof(m->refused_update_version),
-                                offer->version);
-                }
-        }
+        if (res.state == GATE_OPEN && m->updater)
+                manager_start_update(m, offer);
 }
 
 /* ---- the round's end ---- */
@@ -485,8 +606,9 @@ static void on_round_done(Poller *p, void *userdata) {
         RuleAnswer answers[64];
         size_t n = 0;
         RuleResult res;
-        static unsigned discovery_rounds;
 
+        (void) sd_event_source_set_enabled(m->round_deadline, SD_EVENT_OFF);
+        m->in_round_done = true;
         m->counters.polls++;
         m->last_poll_usec = now_usec(CLOCK_REALTIME);
         manager_log_targets(m);
@@ -511,20 +633,24 @@ static void on_round_done(Poller *p, void *userdata) {
 
         /* Newly discovered nodes are asked at once, a bounded number of
          * times in a row, so a load-balancer-only start converges in one go. */
-        if (manager_refresh_targets(m) && discovery_rounds < MAX_DISCOVERY_ROUNDS) {
-                discovery_rounds++;
+        if (manager_refresh_targets(m) && m->discovery_rounds < MAX_DISCOVERY_ROUNDS) {
+                m->discovery_rounds++;
                 m->round_pending = true;
         } else
-                discovery_rounds = 0;
+                m->discovery_rounds = 0;
 
-        if (m->once && !m->round_pending) {
+        m->in_round_done = false;
+        if (m->once && !m->round_pending && !m->hint_pending) {
                 manager_finish_once(m);
                 return;
         }
         if (m->round_pending)
                 manager_start_round(m);
-        else
+        else {
                 manager_schedule_next(m);
+                if (m->hint_pending)
+                        manager_defer_hint_round(m);
+        }
 }
 
 /* ---- inputs ---- */
@@ -534,7 +660,7 @@ static void on_broker_event(Broker *b, const char *routing_key, const void *body
         Manager *m = userdata;
 
         m->counters.events++;
-        manager_request_round(m, routing_key);
+        manager_request_hint_round(m, routing_key);
 }
 
 static void on_broker_state(Broker *b, BrokerConnState state, const char *reason, void *userdata) {
@@ -556,7 +682,7 @@ static void on_notify(NotifyServer *s, const char *peer, const char *summary, vo
         Manager *m = userdata;
 
         m->counters.notifies++;
-        manager_request_round(m, "notify");
+        manager_request_hint_round(m, "notify");
 }
 
 static json_t *on_status(NotifyServer *s, void *userdata) {
@@ -577,41 +703,76 @@ static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si,
         Manager *m = userdata;
 
         log_info("Received %s, stopping", strsignal((int) si->ssi_signo));
+        if (m->once)
+                m->exit_code = 2; /* interrupted: no round was judged */
         (void) sd_notify(false, "STOPPING=1");
         return sd_event_exit(m->event, 0);
+}
+
+static const NotifyCallbacks notify_callbacks = {.notify = on_notify, .status = on_status};
+
+/* Makes the listener match new_cfg. When its socket must change, the new
+ * one is opened first (a different address) so a bad new address leaves
+ * the old listener in place; on the same address the old one must go
+ * first, and comes back with old_cfg if the new one fails. */
+static int manager_reload_notify(Manager *m, const Config *old_cfg, const Config *new_cfg) {
+        NotifyServer *fresh = NULL;
+        bool same_addr = old_cfg->notify_enabled && new_cfg->notify_enabled &&
+                         streq_ptr(old_cfg->notify_listen, new_cfg->notify_listen);
+        int r;
+
+        if (m->notify && !notify_server_needs_restart(old_cfg, new_cfg))
+                return notify_server_reconfigure(m->notify, new_cfg);
+        if (!new_cfg->notify_enabled) {
+                m->notify = notify_server_free(m->notify);
+                return 0;
+        }
+        if (same_addr)
+                m->notify = notify_server_free(m->notify);
+        r = notify_server_new(m->event, new_cfg, &notify_callbacks, m, &fresh);
+        if (r < 0) {
+                if (same_addr && !m->notify)
+                        (void) notify_server_new(m->event, old_cfg, &notify_callbacks, m, &m->notify);
+                return r;
+        }
+        notify_server_free(m->notify);
+        m->notify = fresh;
+        return 0;
 }
 
 static int manager_reload(Manager *m) {
         char err[CONFIG_ERROR_MAX];
         Config *new_cfg = NULL, *old_cfg = m->config;
+        bool state_moved;
         int r;
 
         (void) sd_notify(false, "RELOADING=1");
         r = config_load(old_cfg->path, &new_cfg, err, sizeof(err));
+        if (r >= 0) {
+                r = manager_reload_notify(m, old_cfg, new_cfg);
+                if (r < 0)
+                        snprintf(err, sizeof(err), "%s: [notify] listen %s cannot be opened: %s",
+                                 new_cfg->path, new_cfg->notify_listen, strerror(-r));
+        }
         if (r < 0) {
+                /* Rejected whole: the old configuration stays in force. */
                 log_struct(LOG_ERR, 0, MID_CONFIG_REJECTED, &(LogFields){.reason = err},
                            "Configuration rejected, keeping the old one: %s", err);
+                config_free(new_cfg);
                 (void) sd_notify(false, "READY=1");
                 return r;
         }
 
-        if (m->notify && notify_server_needs_restart(old_cfg, new_cfg)) {
-                m->notify = notify_server_free(m->notify);
-        }
         m->config = new_cfg;
-        log_set_max_priority(new_cfg->log_level);
-        if (!m->notify && new_cfg->notify_enabled) {
-                r = notify_server_new(m->event, new_cfg,
-                                      &(NotifyCallbacks){.notify = on_notify, .status = on_status}, m,
-                                      &m->notify);
-                if (r < 0)
-                        log_error_errno(r, "Cannot open the notify listener %s", new_cfg->notify_listen);
-        } else if (m->notify)
-                (void) notify_server_reconfigure(m->notify, new_cfg);
+        log_setup(new_cfg->log_target, new_cfg->log_level);
+        /* The backoff was computed from the old intervals. */
+        m->fast_delay_usec = 0;
+        state_moved = strcmp(old_cfg->state_file, new_cfg->state_file) != 0;
 
         /* A round in flight is dropped and restarted below with the new
          * targets and token. */
         poller_abort(m->poller);
+        (void) sd_event_source_set_enabled(m->round_deadline, SD_EVENT_OFF);
         (void) poller_reconfigure(m->poller, new_cfg);
         (void) manager_refresh_targets(m);
         (void) settings_writer_reconfigure(m->settings, new_cfg);
@@ -619,10 +780,13 @@ static int manager_reload(Manager *m) {
                 (void) broker_reconfigure(m->broker, new_cfg);
         if (m->updater)
                 (void) updater_reconfigure(m->updater, new_cfg);
+        if (state_moved)
+                (void) manager_save_state(m);
         config_free(old_cfg);
 
         log_info("Configuration reloaded from %s", new_cfg->path);
         (void) sd_notify(false, "READY=1");
+        manager_send_status(m);
         manager_start_round(m);
         return 0;
 }
@@ -692,7 +856,7 @@ static int manager_add_signals(Manager *m) {
         r = sd_event_add_signal(m->event, &m->sigterm, SIGTERM, on_stop_signal, m);
         if (r >= 0)
                 r = sd_event_add_signal(m->event, &m->sigint, SIGINT, on_stop_signal, m);
-        if (r >= 0)
+        if (r >= 0 && !m->once)
                 r = sd_event_add_signal(m->event, &m->sighup, SIGHUP, on_sighup, m);
         return r;
 }
@@ -740,6 +904,7 @@ int manager_new(Config *config, bool once, Manager **ret) {
         }
         m->config = config;
         m->once = once;
+        m->gate.state = config->update_enabled ? GATE_NONE : GATE_DISABLED;
 
         r = sd_event_default(&m->event);
         if (r < 0)
@@ -758,6 +923,11 @@ int manager_new(Config *config, bool once, Manager **ret) {
         if (r < 0)
                 goto fail;
         (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_OFF);
+        r = sd_event_add_time(m->event, &m->round_deadline, CLOCK_MONOTONIC, USEC_INFINITY, USEC_PER_MSEC,
+                              on_round_deadline, m);
+        if (r < 0)
+                goto fail;
+        (void) sd_event_source_set_enabled(m->round_deadline, SD_EVENT_OFF);
         if (!once) {
                 r = manager_setup_watchdog(m);
                 if (r < 0)
@@ -780,6 +950,7 @@ Manager *manager_free(Manager *m) {
         sd_event_source_disable_unref(m->poll_timer);
         sd_event_source_disable_unref(m->watchdog_timer);
         sd_event_source_disable_unref(m->once_timer);
+        sd_event_source_disable_unref(m->round_deadline);
         updater_free(m->updater);
         notify_server_free(m->notify);
         broker_free(m->broker);

@@ -100,10 +100,11 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *userdata) {
                 v++, len--;
         while (len > 0 && (v[len - 1] == '\r' || v[len - 1] == '\n' || v[len - 1] == ' '))
                 len--;
-        /* An ETag we cannot store whole is not used at all. */
-        if (len > 0 && len < sizeof(t->etag) && !memchr(v, '\n', len)) {
-                memcpy(t->etag, v, len);
-                t->etag[len] = 0;
+        /* An ETag we cannot store whole is not used at all. It is only a
+         * candidate until the body behind it has been read and accepted. */
+        if (len > 0 && len < sizeof(t->pending_etag) && !memchr(v, '\n', len)) {
+                memcpy(t->pending_etag, v, len);
+                t->pending_etag[len] = 0;
         }
         return n;
 }
@@ -198,6 +199,9 @@ static int target_prepare(Poller *p, PollTarget *t) {
                         return -ENOMEM;
         }
         CURL *e = t->easy;
+        /* Options from an earlier config (a removed ca_file) must not linger;
+         * the connection cache lives in the multi handle and survives. */
+        curl_easy_reset(e);
         snprintf(url, sizeof(url), "%s%s", t->url, STATE_PATH);
         curl_easy_setopt(e, CURLOPT_URL, url);
         curl_easy_setopt(e, CURLOPT_PRIVATE, t);
@@ -256,14 +260,11 @@ static struct curl_slist *target_headers(const Poller *p, const PollTarget *t) {
 
 static void target_finish(Poller *p, PollTarget *t, CURLcode code) {
         long status = 0;
-        double total = 0;
         char err[160];
         ProviderState *st;
         int r;
 
         curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
-        curl_easy_getinfo(t->easy, CURLINFO_TOTAL_TIME, &total);
-        t->last_latency_usec = (uint64_t) (total * 1e6);
 
         if (code != CURLE_OK) {
                 if (t->error[0] == 0) /* the body limit already said why */
@@ -280,12 +281,11 @@ static void target_finish(Poller *p, PollTarget *t, CURLcode code) {
                         r = provider_state_parse(t->body ? t->body : "", t->body_len, st, err, sizeof(err));
                         if (r < 0) {
                                 target_set_error(t, "invalid state document: %s", err);
-                                /* Never revalidate against a body we rejected. */
-                                t->etag[0] = 0;
                         } else {
                                 t->state = *st;
                                 t->have_state = true;
                                 t->ok = true;
+                                strscpy(t->etag, sizeof(t->etag), t->pending_etag);
                         }
                         free(st);
                 }
@@ -293,6 +293,10 @@ static void target_finish(Poller *p, PollTarget *t, CURLcode code) {
         if (t->ok) {
                 t->error[0] = 0;
                 t->last_seen_usec = now_usec(CLOCK_REALTIME);
+        } else {
+                /* A failed read says nothing about the cached document: the
+                 * next request must fetch a whole fresh one, never a 304. */
+                t->etag[0] = 0;
         }
         free(t->body);
         t->body = NULL;
@@ -490,9 +494,15 @@ int poller_start_round(Poller *p, poller_done_t done, void *userdata) {
 
                 t->ok = false;
                 t->error[0] = 0;
+                t->pending_etag[0] = 0;
                 r = target_prepare(p, t);
                 if (r >= 0) {
                         t->headers = target_headers(p, t);
+                        /* Never send a request without its token. */
+                        if (!t->headers)
+                                r = -ENOMEM;
+                }
+                if (r >= 0) {
                         curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
                         r = curl_multi_add_handle(p->multi, t->easy) == CURLM_OK ? 0 : -ENOMEM;
                 }

@@ -16,6 +16,7 @@
 #include <time.h>
 
 #define LOG_LINE_MAX 2048
+#define FIELD_MAX    640 /* a field such as DSM_REASON holds a whole gate reason */
 
 static bool use_journal;
 static int max_priority = LOG_INFO;
@@ -70,6 +71,10 @@ void log_setup(LogTarget target, int priority) {
         max_priority = priority;
 }
 
+bool log_is_journal(void) {
+        return use_journal;
+}
+
 void log_set_max_priority(int priority) {
         max_priority = priority;
 }
@@ -78,21 +83,29 @@ int log_get_max_priority(void) {
         return max_priority;
 }
 
-/* Appends ` key=value` to buf, quoting values that need it. */
+/* Appends ` key=value` to buf. Values with spaces, quotes, '=' or control
+ * characters are quoted, and control characters escaped, so one event is
+ * always exactly one parseable line whatever a remote peer sent. */
 static void append_field(char *buf, size_t size, size_t *pos, const char *key, const char *value) {
-        bool quote = value[0] == 0 || strpbrk(value, " \t\"=") != NULL;
+        bool quote = value[0] == 0;
         int n;
 
+        for (const unsigned char *p = (const unsigned char *) value; *p && !quote; p++)
+                quote = *p <= ' ' || *p == '"' || *p == '=' || *p == '\\' || *p == 0x7f;
         if (*pos >= size)
                 return;
         n = snprintf(buf + *pos, size - *pos, "%s%s=%s", *pos > 0 ? " " : "", key, quote ? "\"" : "");
         if (n < 0)
                 return;
         *pos += (size_t) n;
-        for (const char *p = value; *p && *pos + 3 < size; p++) {
-                if (*p == '"' || *p == '\\')
+        for (const unsigned char *p = (const unsigned char *) value; *p && *pos + 6 < size; p++) {
+                if (*p == '"' || *p == '\\') {
                         buf[(*pos)++] = '\\';
-                buf[(*pos)++] = (*p == '\n') ? ' ' : *p;
+                        buf[(*pos)++] = (char) *p;
+                } else if (*p < ' ' || *p == 0x7f)
+                        *pos += (size_t) snprintf(buf + *pos, size - *pos, "\\x%02x", *p);
+                else
+                        buf[(*pos)++] = (char) *p;
         }
         if (quote && *pos + 1 < size)
                 buf[(*pos)++] = '"';
@@ -140,8 +153,8 @@ static void log_to_stderr(int priority, const char *message_id, const LogFields 
 
 /* One journal entry; each field in its own buffer, the message last. */
 static void log_to_journal(int priority, const char *message_id, const LogFields *f, const char *message) {
-        char fields[9][256], msg[LOG_LINE_MAX + 16];
-        struct iovec iov[10];
+        char fields[9][FIELD_MAX], msg[LOG_LINE_MAX + 16];
+        struct iovec iov[ELEMENTSOF(fields) + 1];
         size_t n = 0;
 
 #define ADD_FIELD(...)                                                                                      \
@@ -196,6 +209,7 @@ int log_structv(int priority, int err, const char *message_id, const LogFields *
                 log_to_stderr(priority, message_id, fields, message);
 out:
         errno = saved_errno;
+        /* Always negative, so "return log_error_errno(r, ...)" propagates. */
         return r < 0 ? r : -EIO;
 }
 

@@ -8,18 +8,18 @@
 #include <string.h>
 #include <unistd.h>
 
-#define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
-#define _cleanup_(f) __attribute__((cleanup(f)))
-#define _unused_ __attribute__((unused))
+#define ELEMENTSOF(x)  (sizeof(x) / sizeof((x)[0]))
+#define _cleanup_(f)   __attribute__((cleanup(f)))
+#define _unused_       __attribute__((unused))
 #define _printf_(a, b) __attribute__((format(printf, a, b)))
 
-#define USEC_PER_SEC ((uint64_t)1000000ULL)
-#define USEC_PER_MSEC ((uint64_t)1000ULL)
-#define NSEC_PER_USEC ((uint64_t)1000ULL)
-#define USEC_INFINITY ((uint64_t)-1)
+#define USEC_PER_SEC  ((uint64_t) 1000000ULL)
+#define USEC_PER_MSEC ((uint64_t) 1000ULL)
+#define NSEC_PER_USEC ((uint64_t) 1000ULL)
+#define USEC_INFINITY ((uint64_t) -1)
 
 static inline void freep(void *p) {
-        free(*(void **)p);
+        free(*(void **) p);
 }
 
 static inline void closep(int *fd) {

@@ -46,15 +46,21 @@ typedef struct Manager {
         Updater *updater;
 
         PersistentState state;
-        bool have_primary; /* state.committed.epoch > 0 */
 
         /* Round scheduling. */
-        bool round_pending;
-        uint64_t round_started_usec; /* CLOCK_MONOTONIC */
-        uint64_t fast_delay_usec;    /* current fast-poll delay, 0 when steady */
+        bool round_pending;              /* a round is owed as soon as the current one ends */
+        bool hint_pending;               /* an event/notify round is owed, spaced by fast_poll_interval */
+        uint64_t last_round_start_usec;  /* CLOCK_MONOTONIC */
+        bool state_save_failed;          /* a commit waits for the state file */
+        bool in_round_done;              /* requests made while a round is judged wait for it */
+        unsigned discovery_rounds;       /* immediate rounds in a row for newly found nodes */
+        sd_event_source *round_deadline; /* a round that never ends is cut off */
+        uint64_t fast_delay_usec;        /* current fast-poll delay, 0 when steady */
 
         /* What the last round concluded, for the status document. */
         RuleResult last_rule;
+        RuleStale logged_stale[16]; /* ring: stale primaries already logged */
+        size_t logged_stale_next, logged_stale_used;
         char warnings[MANAGER_MAX_WARNINGS][MANAGER_WARNING_MAX];
         size_t n_warnings;
         uint64_t last_poll_usec;                         /* CLOCK_REALTIME, 0 never */
@@ -65,6 +71,7 @@ typedef struct Manager {
         /* Update gate memory across rounds. */
         GateResult gate;
         unsigned agreeing_rounds;
+        uint64_t agreement_counted_usec; /* CLOCK_MONOTONIC of the last round counted */
         char agreeing_version[PROVIDER_VERSION_MAX + 1];
         char installed_version[PROVIDER_VERSION_MAX + 1];
         char refused_update_version[PROVIDER_VERSION_MAX + 1]; /* logged once */
@@ -84,6 +91,9 @@ int manager_run(Manager *m);
 
 /* Asks for a poll round now; coalesces with one in flight. `why` is logged. */
 void manager_request_round(Manager *m, const char *why);
+/* The same for a hint (event, notify): coalesced, and spaced at least
+ * fast_poll_interval after the last round's start, so storms stay cheap. */
+void manager_request_hint_round(Manager *m, const char *why);
 
 /* The status document of contract section 7 (agent/status.c). */
 json_t *manager_status_json(Manager *m);

@@ -15,21 +15,21 @@
 typedef struct PollTarget {
         char url[PROVIDER_URL_MAX + 1]; /* API base URL */
         bool via_load_balancer;
-        bool configured;               /* from [provider] endpoints or load_balancer */
+        bool configured; /* from [provider] endpoints or load_balancer */
 
         /* Result of the latest round that asked this target. */
-        bool ok;                       /* state is valid and fresh */
-        ProviderState state;           /* last good answer (kept for 304s) */
+        bool ok;             /* state is valid and fresh */
+        ProviderState state; /* last good answer (kept for 304s) */
         bool have_state;
-        char etag[256];
-        char error[POLL_ERROR_MAX];    /* "" when ok */
-        uint64_t last_seen_usec;       /* CLOCK_REALTIME of the last good answer, 0 never */
-        uint64_t last_latency_usec;
+        char etag[256];                      /* of the last good 200: sent as If-None-Match */
+        char error[POLL_ERROR_MAX];          /* "" when ok */
+        uint64_t last_seen_usec;             /* CLOCK_REALTIME of the last good answer, 0 never */
         char reported_error[POLL_ERROR_MAX]; /* owned by the manager: last error it logged */
 
         /* private to the poller */
-        void *easy;    /* CURL *, reused across rounds */
-        void *headers; /* struct curl_slist * of the request in flight */
+        void *easy;             /* CURL *, reused across rounds */
+        void *headers;          /* struct curl_slist * of the request in flight */
+        char pending_etag[256]; /* ETag of the answer in flight, adopted only if its body is good */
         char *body;
         size_t body_len;
         bool in_flight;

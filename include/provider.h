@@ -7,14 +7,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define PROVIDER_ID_MAX 64
-#define PROVIDER_URL_MAX 2048
-#define PROVIDER_HOST_MAX 253
-#define PROVIDER_VHOST_MAX 255
+#define PROVIDER_ID_MAX      64
+#define PROVIDER_URL_MAX     2048
+#define PROVIDER_HOST_MAX    253
+#define PROVIDER_VHOST_MAX   255
 #define PROVIDER_VERSION_MAX 64
-#define PROVIDER_NODES_MAX 8 /* the product supports 4; leave room to warn */
-#define PROVIDER_BODY_MAX (1024 * 1024)
-#define SHA256_HEX_LEN 64
+#define PROVIDER_NODES_MAX   8 /* the product supports 4; leave room to warn */
+#define PROVIDER_BODY_MAX    (1024 * 1024)
+#define SHA256_HEX_LEN       64
 
 typedef enum NodeRole {
         NODE_ROLE_STANDBY,
@@ -60,7 +60,7 @@ int provider_state_parse(const char *body, size_t len, ProviderState *ret, char 
 
 /* Field validators, shared with the event and notify parsers. */
 bool provider_id_valid(const char *s);
-bool provider_url_valid(const char *s); /* http:// or https://, <= 2048 bytes */
+bool provider_url_valid(const char *s);  /* http:// or https://, <= 2048 bytes */
 bool provider_host_valid(const char *s); /* 1-253 chars, host name or address */
 bool provider_version_valid(const char *s);
 

@@ -18,8 +18,8 @@ typedef struct Committed {
 
 /* One node's answer in a poll round. */
 typedef struct RuleAnswer {
-        bool via_load_balancer; /* asked through the load balancer: discovery only */
-        bool ok;                /* a valid state document (200, or 304 with a cached one) */
+        bool via_load_balancer;     /* asked through the load balancer: discovery only */
+        bool ok;                    /* a valid state document (200, or 304 with a cached one) */
         const ProviderState *state; /* valid when ok */
 } RuleAnswer;
 
@@ -44,9 +44,9 @@ typedef struct RuleStale {
 
 typedef struct RuleResult {
         RuleVerdict verdict;
-        RuleConfirmation confirmation; /* for RULE_COMMIT */
-        Committed next;                /* for RULE_COMMIT */
-        bool broker_only;              /* RULE_COMMIT of the same pair with new broker fields */
+        RuleConfirmation confirmation;     /* for RULE_COMMIT */
+        Committed next;                    /* for RULE_COMMIT */
+        bool broker_only;                  /* RULE_COMMIT of the same pair with new broker fields */
         unsigned supporters, cluster_size; /* majority arithmetic, for logs */
 
         /* Nodes that answered role=primary below the (resulting) epoch. */
