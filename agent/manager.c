@@ -26,6 +26,7 @@
 #define FLAP_LIMIT           3
 #define MAX_LOGGED_STALE     16
 #define MAX_DISCOVERY_ROUNDS 3
+#define HINT_GAP_MAX_USEC (250 * USEC_PER_MSEC)
 
 static uint64_t now_usec(clockid_t clock) {
         struct timespec ts;
@@ -185,10 +186,12 @@ static int on_round_deadline(sd_event_source *s, uint64_t usec, void *userdata) 
 }
 
 /* Hints (events, notifies) may come in storms: after a round has started,
- * the next hint round waits until fast_poll_interval has passed, so a
- * burst of any size costs a handful of rounds. */
+ * the next hint round waits a short gap (fast_poll_interval, at most
+ * HINT_GAP_MAX), so a burst of any size costs a handful of rounds while a
+ * lone hint still starts its round at once. */
 static uint64_t hint_not_before(const Manager *m) {
-        return m->last_round_start_usec + m->config->fast_poll_interval;
+        uint64_t gap = m->config->fast_poll_interval;
+        return m->last_round_start_usec + (gap < HINT_GAP_MAX_USEC ? gap : HINT_GAP_MAX_USEC);
 }
 
 static void manager_defer_hint_round(Manager *m) {

@@ -52,6 +52,11 @@
 /* How much of an oversized chunked body is drained to answer it with 413. */
 #define NOTIFY_DISCARD_MAX (64 * 1024)
 
+typedef struct TokenBucket {
+        double tokens; /* available */
+        uint64_t usec; /* CLOCK_MONOTONIC of the last refill */
+} TokenBucket;
+
 /* Token bucket for authenticated notify/status requests. */
 #define NOTIFY_RATE_PER_SEC 20
 #define NOTIFY_RATE_BURST   40
@@ -105,8 +110,9 @@ struct NotifyServer {
         Conn *conns_head, *conns_tail;
         unsigned n_conns, n_evicted;
 
-        double bucket; /* tokens available */
-        uint64_t bucket_usec;
+        /* Notifies and status reads have a bucket each, so a notify flood
+         * never locks support out of `dsm-agent-syncctl status`. */
+        TokenBucket notify_bucket, status_bucket;
 
         RateLog log_rejected, log_accepted;
 };
@@ -429,15 +435,15 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap) {
 
 /* Takes one token; on failure returns false and the seconds until one
  * is back. */
-static bool bucket_take(NotifyServer *s, unsigned *ret_retry_after) {
+static bool bucket_take(NotifyServer *s, TokenBucket *b, unsigned *ret_retry_after) {
         uint64_t now = now_usec(s);
 
-        s->bucket += (double) (now - s->bucket_usec) * NOTIFY_RATE_PER_SEC / (double) USEC_PER_SEC;
-        if (s->bucket > NOTIFY_RATE_BURST)
-                s->bucket = NOTIFY_RATE_BURST;
-        s->bucket_usec = now;
-        if (s->bucket >= 1.0) {
-                s->bucket -= 1.0;
+        b->tokens += (double) (now - b->usec) * NOTIFY_RATE_PER_SEC / (double) USEC_PER_SEC;
+        if (b->tokens > NOTIFY_RATE_BURST)
+                b->tokens = NOTIFY_RATE_BURST;
+        b->usec = now;
+        if (b->tokens >= 1.0) {
+                b->tokens -= 1.0;
                 return true;
         }
         *ret_retry_after = 1; /* a token comes back within 1/RATE s */
@@ -632,7 +638,8 @@ static enum MHD_Result respond_action(NotifyServer *s, struct MHD_Connection *co
         unsigned retry_after = 0;
 
         connection_peer(connection, peer, sizeof(peer));
-        if (!bucket_take(s, &retry_after)) {
+        TokenBucket *b = r->route == NOTIFY_ROUTE_STATUS ? &s->status_bucket : &s->notify_bucket;
+        if (!bucket_take(s, b, &retry_after)) {
                 log_rejected(s, LOG_NOTICE, peer, "rate limited");
                 return respond(connection, 429, strdup("{\"error\":\"too many requests\"}"), NULL,
                                retry_after);
@@ -980,8 +987,7 @@ int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb,
         s->cb = cb ? *cb : (NotifyCallbacks){};
         s->userdata = userdata;
         s->activated = r > 0;
-        s->bucket = NOTIFY_RATE_BURST;
-        s->bucket_usec = now_usec(s);
+        s->notify_bucket = s->status_bucket = (TokenBucket){NOTIFY_RATE_BURST, now_usec(s)};
 
         r = copy_settings(s, cfg);
         if (r < 0)

@@ -91,8 +91,9 @@ int manager_run(Manager *m);
 
 /* Asks for a poll round now; coalesces with one in flight. `why` is logged. */
 void manager_request_round(Manager *m, const char *why);
-/* The same for a hint (event, notify): coalesced, and spaced at least
- * fast_poll_interval after the last round's start, so storms stay cheap. */
+/* The same for a hint (event, notify): coalesced, and spaced a short gap
+ * (fast_poll_interval, at most 250 ms) after the last round's start, so
+ * storms stay cheap. */
 void manager_request_hint_round(Manager *m, const char *why);
 
 /* The status document of contract section 7 (agent/status.c). */

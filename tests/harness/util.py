@@ -4,6 +4,7 @@ import atexit
 import ctypes
 import os
 import signal
+import random
 import socket
 import threading
 import time
@@ -22,9 +23,23 @@ def pdeathsig_term():
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# Ports handed out for servers that bind later (RabbitMQ, a daemon's
+# listener) come from below the kernel's ephemeral range (32768-60999 by
+# default), so no outgoing connection can take one in the meantime.
+_PORT_LOW, _PORT_HIGH = 20000, 32000
+
+
 def free_port(host="127.0.0.1"):
-    """A port that was free a moment ago (bind to 0, close)."""
+    """A port outside the ephemeral range that was free a moment ago."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200):
+        port = random.randint(_PORT_LOW, _PORT_HIGH)
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(fam, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

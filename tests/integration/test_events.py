@@ -417,12 +417,6 @@ def test_event_storm_is_consumed_acked_and_daemon_stays_responsive(sim, rabbit_n
 
 
 @needs_publish
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon bug: coalescing only bounds rounds to one in flight + one pending, and "
-    "a pending round starts the moment the previous one ends; a storm that drains "
-    "over 0.1-0.6 s costs one round per ~2 ms round trip (22-503 rounds measured "
-    "for 1000 events, not the one extra round docs/architecture.md promises); "
-    "agent/manager.c manager_request_round/on_round_done"))
 def test_event_storm_costs_only_a_handful_of_rounds(sim, rabbit_nodes, daemon_factory):
     """A handful: docs/architecture.md says a storm costs at most one extra
     round; delivery in prefetch-sized batches may cost a few more. 10 leaves

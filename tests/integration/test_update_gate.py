@@ -357,10 +357,6 @@ def test_new_version_during_backoff_starts_afresh(sim_factory, daemon_factory):
     assert os.listdir(d.download_dir) == ["dsm-agent-%s.pkg" % newer]
 
 
-@pytest.mark.xfail(reason="contract 8: 'the first round that sees the offer counts as 1' for "
-                          "settling; agent/manager.c counts rounds of agreement regardless of the "
-                          "offer, so an offer arriving after the cluster agreed for >= stable_rounds "
-                          "is applied in its first round without settling", strict=True)
 def test_offer_after_long_agreement_still_settles(sim_factory, daemon_factory):
     s = make_sim(sim_factory, NEW)
     d = daemon_factory(sim=s, overrides=GATE)
