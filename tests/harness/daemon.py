@@ -446,8 +446,18 @@ class Daemon:
             return status, rh, raw
 
     def status(self, token=None):
-        """GET /v1/status: (http status, document)."""
-        s, _, doc = self.http("GET", "/v1/status", token=token)
+        """GET /v1/status: (http status, document). A 429 (the listener's
+        rate limit) is waited out a few times, as a careful client would."""
+        for _ in range(10):
+            s, headers, doc = self.http("GET", "/v1/status", token=token)
+            if s != 429:
+                break
+            retry = 1.0
+            try:
+                retry = float(dict((k.lower(), v) for k, v in headers.items()).get("retry-after", 1))
+            except (AttributeError, TypeError, ValueError):
+                pass
+            time.sleep(min(retry, 1.0))
         return s, doc
 
     def notify(self, body=None, token=None):
@@ -469,4 +479,4 @@ class Daemon:
             if time.monotonic() >= deadline:
                 raise TimeoutError("status not as expected within %.1fs; last: %r\n%s"
                                    % (timeout, last, self.log_tail()))
-            time.sleep(0.05)
+            time.sleep(0.1)

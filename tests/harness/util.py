@@ -168,4 +168,11 @@ def stop_popen(p, sig=signal.SIGTERM, timeout=10.0, group=True, signal_group=Fal
     if group and any(proc_stat(pid) and proc_stat(pid)[3] == p.pid
                      for pid, _, _ in pids_in_session(p.pid)):
         kill_group(p.pid, signal.SIGKILL)  # leftovers in its group, if any
+        # Like systemd with a cgroup: the stop is over when the group is
+        # gone, so a restart never meets a socket a leftover still holds.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(
+                proc_stat(pid) and proc_stat(pid)[3] == p.pid and proc_stat(pid)[1] != "Z"
+                for pid, _, _ in pids_in_session(p.pid)):
+            time.sleep(0.02)
     return p.returncode
