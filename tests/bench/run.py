@@ -1,0 +1,210 @@
+#!/usr/bin/python3
+"""make bench: dsm-agent-syncd benchmarks against real RabbitMQ nodes and the
+Provider simulator on loopback, with the floor measured in the same run.
+
+    DSM_BUILD_DIR=build /usr/bin/python3 tests/bench/run.py [--quick]
+        [--only failover,death,idle,notify,fleet] [--agents N] [--markdown]
+
+Prints a readable report, writes every figure to build/bench.json (or
+--json PATH), and with --markdown also prints the table that
+docs/performance.md carries. Sections: failover (issue 3), death (issue 3),
+idle (issue 3), notify (issue 4), fleet (issue 8).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import sections  # noqa: E402
+
+SECTIONS = ("failover", "death", "idle", "notify", "fleet")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small smoke run (minutes -> about one)")
+    ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--agents", type=int, default=None, help="fleet size (default $AGENTS or 200; quick 20)")
+    ap.add_argument("--json", default=None, help="output file (default $DSM_BUILD_DIR/bench.json)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) under /tmp")
+    ap.add_argument("--markdown", action="store_true", help="also print the docs/performance.md table")
+    a = ap.parse_args(argv)
+    q = a.quick
+    a.sections = [s.strip() for s in a.only.split(",") if s.strip()] or list(SECTIONS)
+    for s in a.sections:
+        if s not in SECTIONS:
+            ap.error("unknown section %r" % s)
+    a.promotes = 10 if q else 50
+    a.deaths = 4 if q else 20
+    a.idle_seconds = 10 if q else 60
+    a.floor_n = 30 if q else 200
+    a.notify_samples = 10 if q else 40
+    a.notify_clients = 4
+    a.notify_seconds = 2 if q else 5
+    if a.agents is None:
+        a.agents = int(os.environ.get("AGENTS") or (20 if q else 200))
+    a.fleet_poll = "5s" if q else "30s"
+    a.fleet_steady = 10 if q else 60
+    a.json = a.json or os.path.join(common.BUILD_DIR, "bench.json")
+    return a
+
+
+def _v(x, unit=""):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        x = ("%.3f" % x).rstrip("0").rstrip(".") if abs(x) < 10 else "%.1f" % x
+    return "%s%s" % (x, (" " + unit) if unit else "")
+
+
+def report(res):
+    out = []
+    w = out.append
+    m = res["machine"]
+    w("dsm-agent-syncd benchmarks  %s  (%s CPUs, %s, load %s at start)"
+      % (res["date"], m["cpus"], m["kernel"], m["loadavg"]))
+    w("command: %s   total %.0f s" % (res["command"], res["total_seconds"]))
+    s = res["sections"]
+    if "failover" in s and "error" not in s["failover"]:
+        f = s["failover"]
+        fl = f["floor"]
+        w("\n1. Failover with an event (%d promotes, poll_interval 30s, heartbeat 2s; %d dropped: poll won)"
+          % (f["promotes"], f["dropped_poll_won"]))
+        w("   event -> primary committed (daemon log):   " + common.fmt_ms(f["committed_log_ms"]))
+        w("   event -> settings rewritten (daemon log):  " + common.fmt_ms(f["settings_ms"]))
+        w("   event -> settings visible (1 ms file poll): " + common.fmt_ms(f["settings_file_poll_ms"]))
+        w("   event -> new broker consuming (daemon log): " + common.fmt_ms(f["new_broker_connected_ms"]))
+        w("   floor (p50): publish->consume %.2f ms, GET state %.2f ms, atomic replace %.2f ms, "
+          "AMQP connect..consume %.2f ms"
+          % (fl["publish_consume_ms"]["p50"], fl["http_get_ms"]["p50"], fl["atomic_replace_ms"]["p50"],
+             fl["amqp_setup_ms"]["p50"]))
+        w("   settings p99 / floor = %sx (target <= 2x); connected p99 / floor = %sx (target <= 2x)"
+          % (_v(f["ratios"]["settings_p99_over_floor"]), _v(f["ratios"]["connected_p99_over_floor"])))
+    if "death" in s and "error" not in s["death"]:
+        f = s["death"]
+        w("\n2. Primary dies (API + broker SIGKILLed), promotion without an event (%d iterations)"
+          % f["iterations"])
+        w("   promote -> settings rewritten:   " + common.fmt_ms(f["settings_from_promote_ms"]))
+        w("   broker kill -> settings:         " + common.fmt_ms(f["settings_from_kill_ms"]))
+        w("   promote -> new broker consuming: " + common.fmt_ms(f["new_broker_connected_from_promote_ms"]))
+        w("   iterations without a broker connection within 15 s: %d" % len(f["broker_not_connected_within_15s"]))
+        w("   (RabbitMQ restart between iterations, in the background: p50 %s s)"
+          % _v(f["broker_restart_s"]["p50"]))
+    if "idle" in s and "error" not in s["idle"]:
+        f = s["idle"]
+        w("\n3. Idle footprint (%s s connected, poll_interval 30s, heartbeat 10s)" % f["seconds"])
+        w("   private %s KiB, PSS %s KiB, RSS %s KiB, %d thread(s)"
+          % (f["private_kib"], f["pss_kib"], f["rss_kib"], f["threads"]))
+        w("   largest private mappings (KiB): " + ", ".join("%s %s" % (m, k) for k, m in f["private_top_kib"]))
+        w("   CPU %s ms (%s %%), wakeups %s/s (%d context switches)"
+          % (f["cpu_ms"], f["cpu_percent"], f["wakeups_per_s"], f["context_switches"]))
+    if "notify" in s and "error" not in s["notify"]:
+        f = s["notify"]
+        w("\n4. Notify")
+        w("   notify -> first Provider GET:  " + common.fmt_ms(f["latency_to_poll_ms"]))
+        w("   notify request round trip:     " + common.fmt_ms(f["notify_rtt_ms"]))
+        w("   %d keep-alive clients, %s s: accepted %s/s, answered %s/s (status counts %s), daemon CPU %s %%"
+          % (f["clients"], f["seconds"], f["accepted_per_s"], f["answered_per_s"],
+             json.dumps(f["status_counts"], sort_keys=True), f["daemon_cpu_percent"]))
+    if "fleet" in s and "error" not in s["fleet"]:
+        f = s["fleet"]
+        st = f["steady"]
+        w("\n5. Fleet: %d agents (poll_interval %s, heartbeat %s); all connected %s s after start"
+          % (f["agents"], f["poll_interval"], f["heartbeat"], f["start_to_all_connected_s"]))
+        w("   per agent: RSS %s KiB, PSS %s KiB, private %s KiB (means)"
+          % (f["rss_kib_mean"], f["pss_kib_mean"], f["private_kib_mean"]))
+        w("   steady %s s: %s req/s (%s per 1000 agents), 200: %s, 304: %s, peak 1 s bucket %s req/s"
+          % (st["seconds"], st["rps"], st["rps_per_1000_agents"], st["status_200"], st["status_304"],
+             st["peak_1s_rps"]))
+        for k, label in (("event_failover", "promote with event"), ("primary_death", "primary death")):
+            e = f[k]
+            w("   %s: %d/%d converged; settings %s" % (label, e["converged"], e["of"],
+                                                      common.fmt_ms(e["settings_ms"])))
+            w("      connected %s; storm (first..last connect) %s ms; Provider peak %s req/s"
+              % (common.fmt_ms(e["connected_ms"]), e["storm_ms"], e["provider_peak_rps"]))
+    for name, r in s.items():
+        if "error" in r:
+            w("\n%s: FAILED: %s" % (name, r["error"]))
+    w("\nTargets")
+    for t in res["targets"]:
+        w("   [%s] %s: %s (target <= %s)" % ({True: "met", False: "MISSED", None: "n/a"}[t["met"]],
+                                             t["metric"], _v(t["value"], t["unit"]), _v(t["target"], t["unit"])))
+    return "\n".join(out)
+
+
+def markdown(res):
+    out = ["| target | measured | limit | met |", "| --- | --- | --- | --- |"]
+    for t in res["targets"]:
+        out.append("| %s | %s | <= %s | %s |" % (t["metric"], _v(t["value"], t["unit"]), _v(t["target"], t["unit"]),
+                                                 {True: "yes", False: "**no**", None: "n/a"}[t["met"]]))
+    return "\n".join(out)
+
+
+def main(argv=None):
+    opts = parse_args(argv if argv is not None else sys.argv[1:])
+    nofile = common.raise_nofile()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt()
+
+    signal.signal(signal.SIGTERM, on_term)
+    for exe in (os.path.join(common.BUILD_DIR, "dsm-agent-syncd"), os.path.join(common.TOOLS_DIR, "amqp_probe")):
+        if not os.path.exists(exe):
+            sys.stderr.write("missing %s: run make all and the tools first (make bench does)\n" % exe)
+            return 2
+    t_start = time.monotonic()
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "command": " ".join(["tests/bench/run.py"] + (argv if argv is not None else sys.argv[1:])),
+           "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                       "loadavg": open("/proc/loadavg").read().split()[0], "nofile": nofile[0]},
+           "quick": opts.quick, "sections": {}, "targets": []}
+    env = common.Env()
+    funcs = {"failover": sections.failover, "death": sections.primary_death, "idle": sections.idle,
+             "notify": sections.notify, "fleet": sections.fleet}
+    failed = False
+    try:
+        for name in opts.sections:
+            t0 = time.monotonic()
+            common.log("section %s" % name)
+            try:
+                r = funcs[name](env, opts)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # report and go on with the next section
+                import traceback
+                traceback.print_exc()
+                r = {"error": "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")}
+                failed = True
+            r["section_seconds"] = round(time.monotonic() - t0, 1)
+            res["sections"][name] = r
+            res["targets"].extend(r.get("targets", []))
+            common.log("section %s done in %.0f s" % (name, r["section_seconds"]))
+    except KeyboardInterrupt:
+        common.log("interrupted")
+        failed = True
+    finally:
+        env.close(keep=opts.keep or failed)
+        if env.rabbit_start_s is not None:
+            res["rabbit_start_seconds"] = round(env.rabbit_start_s, 1)
+        res["total_seconds"] = round(time.monotonic() - t_start, 1)
+        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
+        with open(opts.json, "w") as f:
+            json.dump(res, f, indent=2, sort_keys=True)
+            f.write("\n")
+    print(report(res))
+    if opts.markdown:
+        print("\n" + markdown(res))
+    print("\nfigures: %s" % opts.json)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
