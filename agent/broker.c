@@ -43,13 +43,16 @@
 #define RPC_TIMEOUT_MAX_USEC          (30 * USEC_PER_SEC)
 #define RPC_TIMEOUT_NO_HEARTBEAT_USEC (10 * USEC_PER_SEC)
 #define WORKER_WAIT_ON_FREE_USEC      (2 * USEC_PER_SEC)
-#define FRAME_MAX                     131072
-#define PREFETCH                      100
-#define CHANNEL                       1
-#define DRAIN_BATCH                   256
-#define EVENT_BODY_MAX                (64 * 1024)
-#define REASON_MAX                    256
-#define SYSTEM_CA_FILE                "/etc/ssl/certs/ca-certificates.crt"
+/* Events are a few hundred bytes; rabbitmq-c keeps one inbound buffer of
+ * frame_max bytes for the connection's life, so a small frame_max is most
+ * of the daemon's idle heap saved. Larger bodies arrive in several frames. */
+#define FRAME_MAX      16384
+#define PREFETCH       100
+#define CHANNEL        1
+#define DRAIN_BATCH    256
+#define EVENT_BODY_MAX (64 * 1024)
+#define REASON_MAX     256
+#define SYSTEM_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
 
 /* What one attempt needs, copied so that the worker shares nothing with
  * the loop but the Attempt itself. */

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -643,6 +644,9 @@ static void on_round_done(Poller *p, void *userdata) {
                 m->discovery_rounds = 0;
 
         m->in_round_done = false;
+        /* A round's transient buffers (bodies, parsed documents) leave
+         * free pages inside the heap; give them back while idle. */
+        (void) malloc_trim(0);
         if (m->once && !m->round_pending && !m->hint_pending) {
                 manager_finish_once(m);
                 return;

@@ -192,7 +192,7 @@ def proc_mem(pid):
         for line in f:
             if line.startswith("VmRSS:"):
                 out["rss_kib"] = int(line.split()[1])
-    priv = 0
+    priv = dirty = 0
     with open("/proc/%d/smaps_rollup" % pid) as f:
         for line in f:
             k = line.split(":")[0]
@@ -200,7 +200,14 @@ def proc_mem(pid):
                 out["pss_kib"] = int(line.split()[1])
             elif k in ("Private_Clean", "Private_Dirty"):
                 priv += int(line.split()[1])
+                if k == "Private_Dirty":
+                    dirty += int(line.split()[1])
     out["private_kib"] = priv
+    # Private_Clean is mostly library text no other process happens to map
+    # right now: page cache, dropped under pressure and shared as soon as
+    # another process uses the library. Private_Dirty is what this daemon
+    # alone costs.
+    out["private_dirty_kib"] = dirty
     return out
 
 

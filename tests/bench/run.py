@@ -101,8 +101,8 @@ def report(res):
     if "idle" in s and "error" not in s["idle"]:
         f = s["idle"]
         w("\n3. Idle footprint (%s s connected, poll_interval 30s, heartbeat 10s)" % f["seconds"])
-        w("   private %s KiB, PSS %s KiB, RSS %s KiB, %d thread(s)"
-          % (f["private_kib"], f["pss_kib"], f["rss_kib"], f["threads"]))
+        w("   private %s KiB (of which dirty %s KiB), PSS %s KiB, RSS %s KiB, %d thread(s)"
+          % (f["private_kib"], f.get("private_dirty_kib"), f["pss_kib"], f["rss_kib"], f["threads"]))
         w("   largest private mappings (KiB): " + ", ".join("%s %s" % (m, k) for k, m in f["private_top_kib"]))
         w("   CPU %s ms (%s %%), wakeups %s/s (%d context switches)"
           % (f["cpu_ms"], f["cpu_percent"], f["wakeups_per_s"], f["context_switches"]))

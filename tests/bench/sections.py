@@ -324,12 +324,14 @@ def idle(env, opts):
         top = proc_private_by_mapping(pid)
         el = t1 - t0
         res = {"seconds": round(el, 1), "config": dict(PROD),
-               "private_kib": mem["private_kib"], "pss_kib": mem["pss_kib"], "rss_kib": mem["rss_kib"],
+               "private_kib": mem["private_kib"], "private_dirty_kib": mem["private_dirty_kib"],
+               "pss_kib": mem["pss_kib"], "rss_kib": mem["rss_kib"],
                "threads": proc_threads(pid),
                "private_top_kib": [[k, m] for k, m in top],
                "cpu_ms": round((c1 - c0) * 1000, 1), "cpu_percent": round(100 * (c1 - c0) / el, 4),
                "wakeups_per_s": round((w1 - w0) / el, 3), "context_switches": w1 - w0}
-        res["targets"] = [target("idle: private memory", round(mem["private_kib"] / 1024, 3), 2.0, "MiB"),
+        res["targets"] = [target("idle: private dirty memory", round(mem["private_dirty_kib"] / 1024, 3), 2.0,
+                                 "MiB"),
                           target("idle: wakeups", res["wakeups_per_s"], 0.5, "/s")]
         return res
     finally:
