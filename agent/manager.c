@@ -27,7 +27,7 @@
 #define FLAP_LIMIT           3
 #define MAX_LOGGED_STALE     16
 #define MAX_DISCOVERY_ROUNDS 3
-#define HINT_GAP_MAX_USEC (250 * USEC_PER_MSEC)
+#define HINT_GAP_MAX_USEC    (250 * USEC_PER_MSEC)
 
 static uint64_t now_usec(clockid_t clock) {
         struct timespec ts;
