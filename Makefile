@@ -106,6 +106,10 @@ check: deps
 	$(MAKE) format-check
 	$(MAKE) all $(TOOLS) $(UNIT_TESTS)
 	$(MAKE) unit
+ifneq ($(SANITIZE),1)
+	# The soak test also runs the daemon built with ASan+UBSan.
+	$(MAKE) SANITIZE=1 BUILD=build-san all
+endif
 	$(MAKE) integration
 	$(MAKE) fuzz FUZZ_TIME=$(CHECK_FUZZ_TIME)
 

@@ -7,7 +7,7 @@ notify requests. DSM_SOAK_SCALE=10 is the issue's full size (1000, 10 000,
 must come back within 10% + 256 KiB of its value after a warm-up.
 
 The same soak runs under an ASan/UBSan build when one is found:
-DSM_SAN_BUILD_DIR (default: <repo>/build-san, then <repo>/build-h14-san).
+DSM_SAN_BUILD_DIR (default: <repo>/build-san, which `make check` builds).
 When DSM_BUILD_DIR itself points at a SANITIZE=1 build, test_soak runs it
 sanitized too (the RSS bound is then skipped: ASan's quarantine and shadow
 memory grow by design) and checks the exit code and the sanitizer reports.
@@ -161,7 +161,7 @@ def san_build_dir():
     env = os.environ.get("DSM_SAN_BUILD_DIR")
     if env:
         return env
-    for cand in ("build-san", "build-h14-san"):
+    for cand in ("build-san",):
         p = os.path.join(util.REPO_ROOT, cand)
         if os.path.exists(os.path.join(p, "dsm-agent-syncd")):
             return p
