@@ -668,25 +668,31 @@ static const char *event_check(const char *key, json_t *o) {
         return "unknown routing key";
 }
 
-/* Every event is only a hint to poll: report the known, well-formed ones,
- * drop the rest with a debug line. */
-static void broker_dispatch(Broker *b, const Delivery *d) {
+const char *broker_event_check(const char *routing_key, const void *body, size_t len) {
         json_error_t jerr;
         const char *why;
         json_t *o;
+
+        o = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+        if (!o || !json_is_object(o)) {
+                json_decref(o);
+                return "body is not a JSON object";
+        }
+        why = event_check(routing_key, o);
+        json_decref(o);
+        return why;
+}
+
+/* Every event is only a hint to poll: report the known, well-formed ones,
+ * drop the rest with a debug line. */
+static void broker_dispatch(Broker *b, const Delivery *d) {
+        const char *why;
 
         if (!d->body) {
                 log_debug("broker: ignoring event %s: body over %d bytes", d->routing_key, EVENT_BODY_MAX);
                 return;
         }
-        o = json_loadb(d->body, d->size, JSON_REJECT_DUPLICATES, &jerr);
-        if (!o || !json_is_object(o)) {
-                log_debug("broker: ignoring event %s: body is not a JSON object", d->routing_key);
-                json_decref(o);
-                return;
-        }
-        why = event_check(d->routing_key, o);
-        json_decref(o);
+        why = broker_event_check(d->routing_key, d->body, d->size);
         if (why) {
                 log_debug("broker: ignoring event %s: %s", d->routing_key, why);
                 return;

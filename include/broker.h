@@ -8,6 +8,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <systemd/sd-event.h>
 
 #include "config.h"
@@ -41,4 +42,8 @@ int broker_reconfigure(Broker *b, const Config *cfg);
  * reported through state_changed. */
 int broker_set_target(Broker *b, const BrokerInfo *target);
 BrokerConnState broker_state(const Broker *b);
+/* NULL when body (len bytes, not NUL-terminated) is a well-formed event for
+ * routing_key (a JSON object fitting its row of contract section 4), else
+ * why not. Pure; broker_dispatch() uses it (bodies over 64 KiB never reach it). */
+const char *broker_event_check(const char *routing_key, const void *body, size_t len);
 const char *broker_conn_state_to_string(BrokerConnState s);
