@@ -14,6 +14,7 @@
  * destroys its own connection. */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
@@ -369,7 +370,10 @@ static int setup_socket(Attempt *a, amqp_connection_state_t conn, char *err, siz
 
         /* From here on a blocked RPC can be woken by shutdown() from the loop. */
         pthread_mutex_lock(&a->lock);
-        a->sock_fd = a->abandoned ? -1 : amqp_get_sockfd(conn);
+        /* A duplicate we own: rabbitmq-c may close its own descriptor on an
+         * RPC timeout, and the number could then be reused by the loop for
+         * an unrelated socket before we stop pointing at it. */
+        a->sock_fd = a->abandoned ? -1 : fcntl(amqp_get_sockfd(conn), F_DUPFD_CLOEXEC, 3);
         r = a->abandoned ? -ECANCELED : 0;
         pthread_mutex_unlock(&a->lock);
         if (r < 0)
@@ -398,7 +402,10 @@ static int setup_exchange(amqp_connection_state_t conn, const char *exchange, ch
         r = amqp_get_rpc_reply(conn);
         if (r.reply_type == AMQP_RESPONSE_NORMAL)
                 return 0;
-        if (!reply_is_channel_close(r, AMQP_PRECONDITION_FAILED)) {
+        /* 406: declared differently; 403: this user may not declare it at
+         * all (least privilege). Either way a passive declare suffices. */
+        if (!reply_is_channel_close(r, AMQP_PRECONDITION_FAILED) &&
+            !reply_is_channel_close(r, AMQP_ACCESS_REFUSED)) {
                 format_rpc_reply(err, errlen, "exchange.declare", r);
                 return -EPROTO;
         }
@@ -488,6 +495,8 @@ static void *attempt_run(void *userdata) {
         int r = conn ? attempt_setup(a, conn, reason, sizeof reason) : -ENOMEM;
 
         pthread_mutex_lock(&a->lock);
+        if (a->sock_fd >= 0)
+                close(a->sock_fd);
         a->sock_fd = -1;
         if (!a->abandoned) {
                 if (r >= 0) {
@@ -887,8 +896,14 @@ static int on_heartbeat_send(sd_event_source *s, uint64_t usec, void *userdata) 
         amqp_frame_t f = {.frame_type = AMQP_FRAME_HEARTBEAT, .channel = 0};
         int r;
 
-        /* Not writable: skip this one and let the receive check decide. */
-        r = broker_can_send(b) ? amqp_send_frame(b->conn, &f) : AMQP_STATUS_OK;
+        /* A peer that has stopped reading for half a heartbeat is lost: the
+         * library would otherwise send its own heartbeat inside the next
+         * frame read and block there on the full socket. */
+        if (!broker_can_send(b)) {
+                broker_lost(b, "broker not reading (send buffer full)", false);
+                return 0;
+        }
+        r = amqp_send_frame(b->conn, &f);
         if (r != AMQP_STATUS_OK) {
                 broker_lost_status(b, "heartbeat", r);
                 return 0;

@@ -197,6 +197,17 @@ static int on_child(sd_event_source *s, const siginfo_t *si, void *userdata) {
 
 /* environ plus env, an entry of env replacing the same name in environ.
  * The array points into both; only the array is allocated. */
+/* Variables systemd gives the daemon itself: a child that saw them could
+ * send READY/WATCHDOG in the daemon's name or grab its listening socket. */
+static bool daemon_only(const char *entry) {
+        static const char *const names[] = {"NOTIFY_SOCKET=", "WATCHDOG_PID=", "WATCHDOG_USEC=",
+                                            "LISTEN_PID=",    "LISTEN_FDS=",   "LISTEN_FDNAMES="};
+        for (size_t i = 0; i < ELEMENTSOF(names); i++)
+                if (strncmp(entry, names[i], strlen(names[i])) == 0)
+                        return true;
+        return false;
+}
+
 static char **build_envp(char *const env[]) {
         size_t n_env = 0, n_extra = 0, k = 0;
         char **envp;
@@ -215,7 +226,7 @@ static char **build_envp(char *const env[]) {
 
                 for (size_t j = 0; j < n_extra && !overridden; j++)
                         overridden = strncmp(env[j], environ[i], len) == 0;
-                if (!overridden)
+                if (!overridden && !daemon_only(environ[i]))
                         envp[k++] = environ[i];
         }
         for (size_t j = 0; j < n_extra; j++)

@@ -3,6 +3,7 @@
  * be absent (a daemon in --once mode has no listener, a daemon without a
  * committed Primary has no broker target). */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -22,8 +23,29 @@ static json_t *rfc3339_or_null(uint64_t usec) {
         return json_string(buf);
 }
 
+/* jansson refuses strings that are not valid UTF-8, and json_pack then
+ * drops the whole enclosing object. Text from files, configuration and
+ * truncation may be anything, so such a string is shown with '?' for every
+ * non-ASCII byte rather than lost. */
+static json_t *text(const char *s) {
+        json_t *j = json_string(s);
+        char *copy;
+
+        if (j)
+                return j;
+        copy = strdup(s);
+        if (!copy)
+                return NULL;
+        for (char *p = copy; *p; p++)
+                if ((unsigned char) *p >= 0x80)
+                        *p = '?';
+        j = json_string(copy);
+        free(copy);
+        return j;
+}
+
 static json_t *string_or_null(const char *s) {
-        return s && s[0] ? json_string(s) : json_null();
+        return s && s[0] ? text(s) : json_null();
 }
 
 static json_t *broker_json(const BrokerInfo *b) {
@@ -56,7 +78,7 @@ static json_t *node_json(const Manager *m, const PollTarget *t) {
                          "api_url", t->url, "role",
                          st ? json_string(st->role == NODE_ROLE_PRIMARY ? "primary" : "standby")
                             : json_null(),
-                         "version", st ? json_string(st->version) : json_null(), "epoch",
+                         "version", st ? text(st->version) : json_null(), "epoch",
                          st ? json_integer((json_int_t) st->epoch) : json_null(), "last_seen",
                          rfc3339_or_null(t->last_seen_usec), "error", string_or_null(t->error));
 }
@@ -84,7 +106,7 @@ static json_t *warnings_json(const Manager *m) {
         json_t *a = json_array();
 
         for (size_t i = 0; a && i < m->n_warnings && i < MANAGER_MAX_WARNINGS; i++)
-                if (json_array_append_new(a, json_string(m->warnings[i])) < 0) {
+                if (json_array_append_new(a, text(m->warnings[i])) < 0) {
                         json_decref(a);
                         return NULL;
                 }

@@ -201,13 +201,16 @@ int read_file_full(const char *path, size_t max, char **ret, size_t *ret_len) {
 
         if (!path || !ret || max >= SIZE_MAX - 1)
                 return -EINVAL;
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        /* O_NONBLOCK: the loop reads such files; a FIFO must not stall it. */
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
         if (fd < 0)
                 return negative_errno();
         if (fstat(fd, &st) < 0)
                 return negative_errno();
         if (S_ISDIR(st.st_mode))
                 return -EISDIR;
+        if (!S_ISREG(st.st_mode))
+                return -EINVAL;
         if (S_ISREG(st.st_mode) && (uint64_t) st.st_size > max)
                 return -EFBIG;
         /* One byte more than allowed, to notice a file that grew. */

@@ -379,7 +379,8 @@ static int read_secret(const char *path, char **ret) {
         size_t n = 0;
         struct stat st;
 
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        /* O_NONBLOCK: a FIFO named as a secret must not hang a reload. */
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
         if (fd < 0)
                 return negative_errno();
         if (fstat(fd, &st) < 0)
@@ -400,7 +401,15 @@ static int read_secret(const char *path, char **ret) {
                 n += (size_t) k;
         }
         buf[n] = 0;
-        buf[strcspn(buf, "\n")] = 0;
+        /* A first line that does not end within the limit, or holds a NUL,
+         * would be silently cut: a wrong secret is worse than an error. */
+        const char *nl = memchr(buf, '\n', n);
+        size_t line = nl ? (size_t) (nl - buf) : n;
+        if ((!nl && n == sizeof(buf) - 1) || memchr(buf, 0, line)) {
+                explicit_bzero(buf, sizeof(buf));
+                return nl || n < sizeof(buf) - 1 ? -EINVAL : -E2BIG;
+        }
+        buf[line] = 0;
         n = strlen(buf);
         while (n > 0 && isspace((unsigned char) buf[n - 1]))
                 buf[--n] = 0;
@@ -602,6 +611,10 @@ static int parse_secret_key(Parser *p, const KeyDef *k, const char *value) {
                 r = read_secret(value, &s);
                 if (r == -ENODATA)
                         return fail(p, p->line, -EINVAL, "%s: secret file %s is empty", k->name, value);
+                if (r == -E2BIG)
+                        return fail(p, p->line, -EINVAL,
+                                    "%s: secret file %s: first line longer than %d bytes", k->name, value,
+                                    MAX_SECRET);
                 if (r < 0)
                         return fail(p, p->line, r, "%s: cannot read secret file %s: %s", k->name, value,
                                     strerror(-r));

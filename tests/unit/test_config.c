@@ -539,6 +539,28 @@ static void test_secrets(void **state) {
         /* A secret pasted under a wrong key does not reach the message. */
         assert_error(load_key("broker", "password", "hunter2", NULL), 4, "unknown key 'password'");
         assert_null(strstr(err, "hunter2"));
+
+        /* A first line longer than the limit is refused, never cut short. */
+        static char huge[5000];
+        memset(huge, 'x', sizeof(huge) - 1);
+        const char *longtok = tmp_file("long.token", huge);
+        assert_error(load_key("notify", "token_file", longtok, NULL), 4, "longer than");
+        assert_null(strstr(err, "xxxxxxxx"));
+
+        /* A NUL inside the first line is refused too. */
+        const char *nul = tmp_file("nul.token", "abc");
+        FILE *f = fopen(nul, "w");
+        assert_non_null(f);
+        assert_int_equal(fwrite("ab\0cd\n", 1, 6, f), 6);
+        fclose(f);
+        assert_error(load_key("notify", "token_file", nul, NULL), 4, "cannot read secret file");
+
+        /* A FIFO does not hang the load (O_NONBLOCK) and is not a secret file. */
+        char fifo[512];
+        snprintf(fifo, sizeof(fifo), "%s/secret.fifo", tmpdir);
+        assert_int_equal(mkfifo(fifo, 0600), 0);
+        assert_error(load_key("notify", "token_file", fifo, NULL), 4, "cannot read secret file");
+        unlink(fifo);
 }
 
 /* ---- parsers ---- */

@@ -143,13 +143,21 @@ static void test_environment(void **state) {
 
         setenv("DSM_TEST_OVERRIDE", "old", 1);
         setenv("DSM_TEST_KEPT", "kept", 1);
+        /* systemd's variables for the daemon itself never reach a child. */
+        setenv("NOTIFY_SOCKET", "/run/test-notify", 1);
+        setenv("WATCHDOG_USEC", "1000000", 1);
+        setenv("LISTEN_FDS", "1", 1);
         snprintf(path, sizeof(path), "%s/env", c->dir);
-        snprintf(script, sizeof(script), "env | grep ^DSM_TEST_ | sort > %s", path);
+        snprintf(script, sizeof(script),
+                 "env | grep -E '^(DSM_TEST_|NOTIFY_SOCKET|WATCHDOG_|LISTEN_)' | sort > %s", path);
         assert_int_equal(run_sh(c, script, env, 0), 0);
         assert_int_equal(read_file_full(path, 4096, &got, NULL), 0);
         assert_string_equal(got, "DSM_TEST_KEPT=kept\nDSM_TEST_NEW=a b\nDSM_TEST_OVERRIDE=new\n");
         unsetenv("DSM_TEST_OVERRIDE");
         unsetenv("DSM_TEST_KEPT");
+        unsetenv("NOTIFY_SOCKET");
+        unsetenv("WATCHDOG_USEC");
+        unsetenv("LISTEN_FDS");
 }
 
 /* A fresh signal mask (the daemon blocks SIGCHLD) and default
