@@ -195,8 +195,8 @@ static uint64_t hint_not_before(const Manager *m) {
         return m->last_round_start_usec + (gap < HINT_GAP_MAX_USEC ? gap : HINT_GAP_MAX_USEC);
 }
 
-static void manager_defer_hint_round(Manager *m) {
-        uint64_t when = hint_not_before(m), armed = 0;
+static void manager_defer_hint_round(Manager *m, uint64_t not_before) {
+        uint64_t when = hint_not_before(m) > not_before ? hint_not_before(m) : not_before, armed = 0;
         int enabled = SD_EVENT_OFF;
 
         (void) sd_event_source_get_enabled(m->poll_timer, &enabled);
@@ -219,9 +219,14 @@ static void manager_request(Manager *m, const char *why, bool hint) {
                         m->round_pending = true;
                 return;
         }
-        if (hint && now_usec(CLOCK_MONOTONIC) < hint_not_before(m)) {
-                manager_defer_hint_round(m);
-                return;
+        if (hint) {
+                /* hint_spread: a fleet-wide trigger spreads its fleet-wide poll. */
+                uint64_t now = now_usec(CLOCK_MONOTONIC);
+                uint64_t not_before = now + (uint64_t) (random_unit() * (double) m->config->hint_spread);
+                if (now < hint_not_before(m) || not_before > now) {
+                        manager_defer_hint_round(m, not_before);
+                        return;
+                }
         }
         manager_start_round(m);
 }
@@ -656,7 +661,7 @@ static void on_round_done(Poller *p, void *userdata) {
         else {
                 manager_schedule_next(m);
                 if (m->hint_pending)
-                        manager_defer_hint_round(m);
+                        manager_defer_hint_round(m, 0);
         }
 }
 
@@ -674,9 +679,10 @@ static void on_broker_state(Broker *b, BrokerConnState state, const char *reason
         Manager *m = userdata;
 
         if (state == BROKER_DOWN) {
-                /* Lost: poll at once, then the fast-poll backoff (contract 4). */
+                /* Lost: poll at once (spread by hint_spread when set), then
+                 * the fast-poll backoff (contract 4). */
                 m->fast_delay_usec = 0;
-                manager_request_round(m, "broker lost");
+                manager_request_hint_round(m, "broker lost");
         } else if (state == BROKER_CONNECTED && !poller_in_flight(m->poller)) {
                 /* Back to the steady interval, counted from now. */
                 m->fast_delay_usec = 0;

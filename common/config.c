@@ -65,6 +65,7 @@ static const KeyDef keys[] = {
         {"provider", "poll_interval", KEY_DURATION, F(poll_interval), 0},
         {"provider", "poll_jitter", KEY_JITTER, F(poll_jitter), 0},
         {"provider", "fast_poll_interval", KEY_DURATION, F(fast_poll_interval), 0},
+        {"provider", "hint_spread", KEY_DURATION0, F(hint_spread), 0},
         {"provider", "request_timeout", KEY_DURATION, F(request_timeout), 0},
         {"broker", "username", KEY_STRING, F(broker_username), 0},
         {"broker", "password_file", KEY_SECRET, F(broker_password_file), F(broker_password)},
@@ -912,6 +913,9 @@ static int validate(Parser *p) {
                 return fail(p, line ? line : seen_line(p, "provider", "poll_interval"), -EINVAL,
                             "fast_poll_interval must not exceed poll_interval");
         }
+        if (c->hint_spread > c->poll_interval)
+                return fail(p, seen_line(p, "provider", "hint_spread"), -EINVAL,
+                            "hint_spread must not exceed poll_interval");
         if (!c->tls_cert != !c->tls_key) {
                 unsigned line = seen_line(p, "notify", c->tls_cert ? "tls_cert" : "tls_key");
                 return fail(p, line, -EINVAL, "[notify] tls_cert and tls_key must be set together");

@@ -39,6 +39,7 @@ typedef struct Config {
         double poll_jitter;        /* default 0.2, 0 <= x < 1 */
         usec_t fast_poll_interval; /* default 500ms, <= poll_interval */
         usec_t request_timeout;    /* default 5s */
+        usec_t hint_spread;        /* random delay before an event/notify/loss round; default 0 */
 
         /* [broker] */
         char *broker_username; /* default "guest" */
