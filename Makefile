@@ -74,8 +74,10 @@ deps:
 unit: $(UNIT_TESTS)
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
 
+# The tests build packages with make themselves: they must not inherit this
+# make's variables (SANITIZE=1 would reach the .deb build through MAKEFLAGS).
 integration: all $(TOOLS)
-	DSM_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL DSM_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
 # libFuzzer targets: tests/fuzz/fuzz_NAME.c + .deps, corpus in tests/fuzz/corpus/NAME/.
 FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))

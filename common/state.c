@@ -339,5 +339,8 @@ int state_save(const char *path, const PersistentState *s) {
         /* A file the next start refuses to load is worse than no write. */
         if (state_parse(json, strlen(json), &check, NULL, 0) < 0)
                 return -EINVAL;
-        return atomic_file_write(path, json, strlen(json), STATE_MODE);
+        r = atomic_file_write(path, json, strlen(json), STATE_MODE);
+        /* Renamed but the directory not synced: not durable yet, and the
+         * epoch fence depends on durability, so the caller retries. */
+        return r > 0 ? -r : r;
 }

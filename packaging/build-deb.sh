@@ -23,7 +23,7 @@ src=$work/dsm-agent-sync-$version
 mkdir -p "$src"
 
 tar -C "$top" \
-	--exclude=./.git --exclude=./build --exclude=./build-san --exclude=./dist \
+	--exclude=./.git --exclude='./build' --exclude='./build-*' --exclude=./dist \
 	--exclude=./debian --exclude='__pycache__' --exclude=.pytest_cache \
 	-cf - . | tar -C "$src" -xf -
 cp -a "$top/packaging/debian" "$src/debian"

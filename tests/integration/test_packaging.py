@@ -495,7 +495,7 @@ def test_rpm_spec_builds(tmp_path):
     top = tmp_path / "rpm"
     (top / "SOURCES").mkdir(parents=True)
     tarball = top / "SOURCES" / f"dsm-agent-sync-{version}.tar.gz"
-    r = run(["tar", "-C", str(TOP), "--exclude=./.git", "--exclude=./build", "--exclude=./build-san",
+    r = run(["tar", "-C", str(TOP), "--exclude=./.git", "--exclude=./build", "--exclude=./build-*",
              "--exclude=./dist", "--exclude=__pycache__", "--exclude=.pytest_cache",
              f"--transform=s|^\\.|dsm-agent-sync-{version}|", "-czf", str(tarball), "."])
     assert r.returncode == 0, r.stderr
