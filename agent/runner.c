@@ -8,12 +8,15 @@
 #include <signal.h>
 #include <stdio.h>
 #include <sys/wait.h>
+#include <time.h>
 
 #include "log.h"
 #include "macro.h"
 #include "runner.h"
 
 #define RUNNER_KILL_GRACE_USEC (5 * USEC_PER_SEC)
+#define RUNNER_STOP_GRACE_USEC (5 * USEC_PER_SEC)
+#define RUNNER_STOP_POLL_USEC  (10 * USEC_PER_MSEC)
 #define RUNNER_LINE_MAX        1024
 #define RUNNER_OUTPUT_MAX      (64 * 1024)
 
@@ -367,10 +370,59 @@ static int watch(Runner *r, usec_t timeout) {
         return 0;
 }
 
-static void reset(Runner *r) {
+static usec_t monotonic_usec(void) {
+        struct timespec ts;
+
+        (void) clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (usec_t) ts.tv_sec * USEC_PER_SEC + (usec_t) ts.tv_nsec / NSEC_PER_USEC;
+}
+
+/* True once the child has exited (or is no child of ours any more). It is
+ * not reaped: while it is a zombie its pid cannot be reused, so a signal
+ * to its process group cannot hit a stranger. */
+static bool exited_nohang(pid_t pid) {
+        siginfo_t si = {};
+        int k;
+
+        do
+                k = waitid(P_PID, (id_t) pid, &si, WEXITED | WNOHANG | WNOWAIT);
+        while (k < 0 && errno == EINTR);
+        return k < 0 ? errno == ECHILD : si.si_pid == pid;
+}
+
+/* A graceful stop: SIGTERM to the group, then up to RUNNER_STOP_GRACE_USEC
+ * for the child to exit. This blocks the loop, which is acceptable only
+ * because the caller is shutting down. Output keeps being drained so a
+ * child logging while it exits cannot fill the pipe and stall. */
+static void stop_gracefully(Runner *r) {
+        usec_t deadline = monotonic_usec() + RUNNER_STOP_GRACE_USEC;
+
+        log_info("%s: stopping pid %d (SIGTERM)", r->name, (int) r->pid);
+        kill_group(r, SIGTERM);
+        for (;;) {
+                if (r->out_fd >= 0)
+                        (void) output_drain(r);
+                if (exited_nohang(r->pid))
+                        return;
+                if (monotonic_usec() >= deadline)
+                        break;
+                (void) usleep(RUNNER_STOP_POLL_USEC);
+        }
+        log_warning("%s: still running %llus after SIGTERM, sending SIGKILL", r->name,
+                    (unsigned long long) (RUNNER_STOP_GRACE_USEC / USEC_PER_SEC));
+}
+
+/* Forgets the child without calling done. graceful (runner_free): SIGTERM
+ * first; otherwise (a start that failed half-way) SIGKILL at once. Either
+ * way whatever is left of the group then gets SIGKILL (the child is not
+ * reaped before, so the group id is still its) and the child is reaped:
+ * no zombie. */
+static void reset(Runner *r, bool graceful) {
         r->child_source = sd_event_source_disable_unref(r->child_source);
         r->timeout_source = sd_event_source_disable_unref(r->timeout_source);
         if (r->pid > 0) {
+                if (graceful)
+                        stop_gracefully(r);
                 kill_group(r, SIGKILL);
                 (void) waitpid(r->pid, NULL, 0);
         }
@@ -402,7 +454,7 @@ int runner_start(Runner *r, char *const argv[], char *const env[], usec_t timeou
         r->truncated = false;
         k = watch(r, timeout);
         if (k < 0) {
-                reset(r);
+                reset(r, false);
                 return k;
         }
         r->done = done;
@@ -418,7 +470,7 @@ bool runner_busy(const Runner *r) {
 Runner *runner_free(Runner *r) {
         if (!r)
                 return NULL;
-        reset(r);
+        reset(r, true);
         sd_event_unref(r->event);
         free(r->name);
         free(r);

@@ -7,7 +7,15 @@
  * - on_change: runs after each rewrite for `written` (what the file says).
  *   A change while it runs makes it owed once more (never a queue); a
  *   failed run is retried with the same backoff until it succeeds or a
- *   newer rewrite supersedes it. */
+ *   newer rewrite supersedes it.
+ *
+ * That a run is owed also survives a restart: a marker file
+ * "<dir>/.<basename>.on_change-pending" (holding the epoch, written
+ * atomically) exists from before the rename of a rewrite until a run
+ * succeeds with no newer one owed, or until on_change is unset. At start a
+ * marker makes the first apply run on_change even when the file already
+ * matches, so a stop or crash between a rewrite and a successful run does
+ * not lose the run. */
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -22,12 +30,15 @@
 #define BACKOFF_MIN_USEC USEC_PER_SEC
 #define BACKOFF_MAX_USEC (60 * USEC_PER_SEC)
 #define SETTINGS_HEADER  "# Managed by dsm-agent-syncd. Local changes are overwritten.\n"
+#define MARKER_SUFFIX    ".on_change-pending"
+#define MARKER_MODE      0600
 
 struct SettingsWriter {
         sd_event *event;
 
         /* From the Config, copied: the Config may be replaced (SIGHUP). */
         char *path;
+        char *marker_path; /* "<dir>/.<basename>.on_change-pending" */
         mode_t mode;
         char **on_change_argv; /* NULL: no hook */
         usec_t on_change_timeout;
@@ -41,8 +52,11 @@ struct SettingsWriter {
         sd_event_source *write_timer;
 
         Runner *runner;
-        bool run_owed;  /* on_change must run (again) for `written` */
-        int run_status; /* last on_change result, for logging once */
+        bool run_owed;    /* on_change must run (again) for `written` */
+        bool recover;     /* a marker from before the start: run on the first apply */
+        bool marker;      /* the marker file was written (and not yet removed) */
+        int marker_error; /* last failure to write it, for logging once */
+        int run_status;   /* last on_change result, for logging once */
         usec_t run_backoff;
         sd_event_source *run_timer;
 
@@ -142,9 +156,22 @@ static int strv_dup(char *const *v, char ***ret) {
         return 0;
 }
 
+/* "<dir>/.<basename>.on_change-pending": hidden, next to the file, and not
+ * matched by atomic_file_sweep(path) (its temporary files are
+ * ".<basename>.tmp-*"). */
+static char *marker_path_of(const char *path) {
+        const char *slash = strrchr(path, '/');
+        const char *base = slash ? slash + 1 : path;
+        char *p;
+
+        if (asprintf(&p, "%.*s.%s" MARKER_SUFFIX, (int) (base - path), path, base) < 0)
+                return NULL;
+        return p;
+}
+
 /* Takes over the parts of cfg the writer needs. */
 static int copy_config(SettingsWriter *w, const Config *cfg) {
-        char *path;
+        char *path, *marker;
         char **argv;
         int r;
 
@@ -153,13 +180,21 @@ static int copy_config(SettingsWriter *w, const Config *cfg) {
         path = strdup(cfg->settings_file);
         if (!path)
                 return -ENOMEM;
+        marker = marker_path_of(path);
+        if (!marker) {
+                free(path);
+                return -ENOMEM;
+        }
         r = strv_dup(cfg->on_change_argv, &argv);
         if (r < 0) {
+                free(marker);
                 free(path);
                 return r;
         }
         free(w->path);
         w->path = path;
+        free(w->marker_path);
+        w->marker_path = marker;
         strv_free(w->on_change_argv);
         w->on_change_argv = argv;
         w->mode = cfg->settings_mode & 07777;
@@ -167,13 +202,88 @@ static int copy_config(SettingsWriter *w, const Config *cfg) {
         return 0;
 }
 
-static void sweep(SettingsWriter *w) {
-        int r = atomic_file_sweep(w->path);
+static void sweep_one(const char *path) {
+        int r = atomic_file_sweep(path);
 
         if (r > 0)
-                log_info("Removed %d leftover temporary file(s) of %s", r, w->path);
+                log_info("Removed %d leftover temporary file(s) of %s", r, path);
         else if (r < 0 && r != -ENOENT)
-                log_warning_errno(r, "Cannot sweep temporary files of %s", w->path);
+                log_warning_errno(r, "Cannot sweep temporary files of %s", path);
+}
+
+/* Leftovers of a crash: temporary files of the settings file and of the
+ * marker (never the marker itself). */
+static void sweep(SettingsWriter *w) {
+        sweep_one(w->path);
+        sweep_one(w->marker_path);
+}
+
+/* ---- the on_change-pending marker ---- */
+
+/* True while on_change is owed, running, or waiting for a retry. */
+static bool run_pending(const SettingsWriter *w) {
+        return w->run_owed || w->recover || runner_busy(w->runner);
+}
+
+/* Durably records that on_change is owed for epoch. A failure is logged
+ * and otherwise ignored: the run is still owed in memory, only a restart
+ * before it succeeds would lose it. */
+static void marker_set(SettingsWriter *w, uint64_t epoch) {
+        char buf[32];
+        int n, r;
+
+        if (!w->on_change_argv)
+                return;
+        n = snprintf(buf, sizeof(buf), "%" PRIu64 "\n", epoch);
+        r = atomic_file_write(w->marker_path, buf, (size_t) n, MARKER_MODE);
+        if (r < 0) {
+                /* Once per error: a read-only file system fails this
+                 * before every retry of the settings write too. */
+                log_struct(r != w->marker_error ? LOG_WARNING : LOG_DEBUG, r, NULL, NULL,
+                           "Cannot record the owed on_change in %s; a restart before it succeeds "
+                           "would not run it",
+                           w->marker_path);
+                w->marker_error = r;
+                return;
+        }
+        if (r > 0)
+                log_warning_errno(r, "Cannot sync the directory of %s", w->marker_path);
+        w->marker_error = 0;
+        w->marker = true;
+}
+
+/* No run owed any more. A marker left behind (removal failed, or not yet
+ * on disk at a crash) only costs one more run at the next start. */
+static void marker_clear(SettingsWriter *w) {
+        if (unlink(w->marker_path) < 0 && errno != ENOENT)
+                log_warning_errno(-errno, "Cannot remove %s; on_change will run once more at the next start",
+                                  w->marker_path);
+        w->marker = false;
+}
+
+/* At start: a marker says a run was owed when the daemon last stopped. */
+static void marker_load(SettingsWriter *w) {
+        _cleanup_(freep) char *text = NULL;
+        char epoch[24] = "?";
+
+        if (access(w->marker_path, F_OK) < 0) {
+                if (errno != ENOENT)
+                        log_warning_errno(-errno, "Cannot check %s", w->marker_path);
+                return;
+        }
+        if (read_file_full(w->marker_path, 64, &text, NULL) >= 0)
+                (void) sscanf(text, "%23[0-9]", epoch);
+        w->marker = true;
+        if (!w->on_change_argv) {
+                log_info("on_change for epoch %s was owed at the last stop, but on_change is no longer set",
+                         epoch);
+                marker_clear(w);
+                return;
+        }
+        log_notice("on_change for epoch %s was owed at the last stop; it runs once the settings file is "
+                   "current",
+                   epoch);
+        w->recover = true;
 }
 
 /* ---- on_change ---- */
@@ -222,6 +332,8 @@ static void on_run_done(Runner *r, int status, void *userdata) {
                         log_debug("on_change for epoch %" PRIu64 " succeeded", w->written.epoch);
                 w->run_status = 0;
                 w->run_backoff = 0;
+                if (!w->run_owed)
+                        marker_clear(w);
         } else if (!w->run_owed) {
                 run_failed(w, status, true);
                 return;
@@ -305,8 +417,11 @@ static void run_start(SettingsWriter *w) {
 /* A rewrite happened: on_change is owed for it, superseding a failed or
  * pending run of an older state. */
 static void run_request(SettingsWriter *w) {
+        w->recover = false;
         if (!w->on_change_argv)
                 return;
+        if (!w->marker)
+                marker_set(w, w->written.epoch); /* a failed attempt before the rename */
         w->run_owed = true;
         w->run_backoff = 0;
         disarm_timer(w->run_timer);
@@ -364,19 +479,26 @@ static void write_done(SettingsWriter *w, FileMatch before) {
         w->write_backoff = 0;
         disarm_timer(w->write_timer);
         w->written = w->desired;
-        if (before == FILE_MATCHES)
-                return;
-        w->changes++;
-        if (before == FILE_MODE_DIFFERS) {
-                log_info("Settings file %s rewritten with mode %04o", w->path, (unsigned) w->mode);
+        if (before == FILE_DIFFERS) {
+                w->changes++;
+                log_struct(LOG_INFO, 0, NULL,
+                           &(LogFields){.epoch = w->desired.epoch, .primary_id = w->desired.primary.id},
+                           "Settings file %s now points to %s:%u (primary %s, epoch %" PRIu64 ")", w->path,
+                           w->desired.broker.host, (unsigned) w->desired.broker.port, w->desired.primary.id,
+                           w->desired.epoch);
+                run_request(w);
                 return;
         }
-        log_struct(LOG_INFO, 0, NULL,
-                   &(LogFields){.epoch = w->desired.epoch, .primary_id = w->desired.primary.id},
-                   "Settings file %s now points to %s:%u (primary %s, epoch %" PRIu64 ")", w->path,
-                   w->desired.broker.host, (unsigned) w->desired.broker.port, w->desired.primary.id,
-                   w->desired.epoch);
-        run_request(w);
+        if (before == FILE_MODE_DIFFERS) {
+                w->changes++;
+                log_info("Settings file %s rewritten with mode %04o", w->path, (unsigned) w->mode);
+        }
+        /* The file already says what the owed run (from before the start)
+         * was for: run it now, with this content's variables. */
+        if (w->recover) {
+                log_info("Running the owed on_change for epoch %" PRIu64, w->written.epoch);
+                run_request(w);
+        }
 }
 
 /* Makes the file match `desired`, writing only when it differs. */
@@ -395,9 +517,26 @@ static int sync_file(SettingsWriter *w) {
         }
         before = file_compare(w->path, buf, (size_t) n, w->mode);
         if (before != FILE_MATCHES) {
+                bool pending = run_pending(w);
+
+                /* Before the rename: a crash right after it still owes
+                 * the run. */
+                if (before == FILE_DIFFERS)
+                        marker_set(w, w->desired.epoch);
                 r = atomic_file_write(w->path, buf, (size_t) n, w->mode);
-                if (r < 0)
+                if (r < 0) {
+                        /* The old file stays: no run owed for it. */
+                        if (before == FILE_DIFFERS && w->marker && !pending)
+                                marker_clear(w);
                         return write_failed(w, r);
+                }
+                /* Renamed: readers (the agent) see the new file, so it
+                 * counts as written and on_change runs. */
+                if (r > 0)
+                        log_struct(LOG_WARNING, r, NULL, &(LogFields){.epoch = w->desired.epoch},
+                                   "Settings file %s replaced, but syncing its directory failed; the "
+                                   "change may not survive a power loss",
+                                   w->path);
         }
         write_done(w, before);
         return 0;
@@ -423,6 +562,7 @@ int settings_writer_new(sd_event *e, const Config *cfg, SettingsWriter **ret) {
                 return r;
         }
         sweep(w);
+        marker_load(w);
         *ret = w;
         return 0;
 }
@@ -434,6 +574,7 @@ SettingsWriter *settings_writer_free(SettingsWriter *w) {
         w->run_timer = sd_event_source_disable_unref(w->run_timer);
         runner_free(w->runner);
         strv_free(w->on_change_argv);
+        free(w->marker_path);
         free(w->path);
         sd_event_unref(w->event);
         free(w);
@@ -449,20 +590,36 @@ int settings_writer_apply(SettingsWriter *w, const Committed *c) {
 }
 
 int settings_writer_reconfigure(SettingsWriter *w, const Config *cfg) {
+        _cleanup_(freep) char *old_marker = NULL;
         bool moved;
         int r;
 
         if (!w || !cfg)
                 return -EINVAL;
         moved = !streq_ptr(w->path, cfg->settings_file);
+        if (moved && w->marker) {
+                old_marker = strdup(w->marker_path);
+                if (!old_marker)
+                        return -ENOMEM;
+        }
         r = copy_config(w, cfg);
         if (r < 0)
                 return r;
         if (moved)
                 sweep(w);
+        if (old_marker) {
+                /* An owed run moves with the file. */
+                if (unlink(old_marker) < 0 && errno != ENOENT)
+                        log_warning_errno(-errno, "Cannot remove %s", old_marker);
+                w->marker = false;
+                if (run_pending(w))
+                        marker_set(w, w->written.epoch);
+        }
         if (!w->on_change_argv) {
                 w->run_owed = false;
+                w->recover = false;
                 disarm_timer(w->run_timer);
+                marker_clear(w);
         }
         /* A new path, mode or hook: try at once rather than at the next
          * backoff step. */

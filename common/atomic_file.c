@@ -144,9 +144,11 @@ int atomic_file_write(const char *path, const void *data, size_t len, mode_t mod
                 (void) unlinkat(dfd, tmp, 0);
                 return r;
         }
-        /* The rename is only durable once the directory is on disk. */
+        /* The rename is only durable once the directory is on disk. It has
+         * happened, though: readers see the new file, so this failure is
+         * reported apart from the ones that leave the old file in place. */
         if (fsync(dfd) < 0)
-                return negative_errno();
+                return -negative_errno();
         return 0;
 }
 

@@ -9,8 +9,15 @@
 #include <sys/types.h>
 
 /* Replaces path with data. mode is applied with fchmod (a process umask
- * cannot change it). Returns 0 or a negative errno (-ENOSPC, -EACCES, ...);
- * on failure the old file is untouched and no temporary file is left. */
+ * cannot change it). Returns:
+ *   0    the new file is in place and durable;
+ *   < 0  a negative errno (-ENOSPC, -EACCES, ...): the old file is
+ *        untouched and no temporary file is left;
+ *   > 0  a positive errno (EIO, ...): the rename succeeded, so readers see
+ *        the new file, but the fsync of the directory failed, so the
+ *        replacement may not survive a crash or power loss. A caller that
+ *        acts on the new content (runs a hook) must treat this as written;
+ *        one that needs durability may treat it as a failure. */
 int atomic_file_write(const char *path, const void *data, size_t len, mode_t mode);
 
 /* Removes leftover temporary files of path from an earlier crash.

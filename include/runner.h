@@ -20,7 +20,11 @@ typedef void (*runner_done_t)(Runner *r, int status, void *userdata);
 
 /* name is used in log lines ("on_change", "update"). */
 int runner_new(sd_event *e, const char *name, Runner **ret);
-/* Kills a running child (SIGKILL) and reaps it. */
+/* Stops a running child for a graceful shutdown: SIGTERM to its process
+ * group, then up to 5 s (blocking, polling every 10 ms, its output still
+ * logged) for the child to exit, then SIGKILL to whatever is left of the
+ * group. The child is always reaped (no zombie) and done is never called.
+ * Blocks: call it only when the daemon is stopping. */
 Runner *runner_free(Runner *r);
 
 /* Starts argv[0] with argv (searched in PATH only when it has no '/'),

@@ -2,7 +2,9 @@
  * writing is atomic and only on change. The SettingsWriter owns the retry
  * timer for failed writes (ENOSPC, EACCES: the old file stays intact) and
  * the on_change run, coalescing changes that arrive while it runs into one
- * more run for the latest state. */
+ * more run for the latest state. That a run is owed is kept on disk too
+ * ("<dir>/.<basename>.on_change-pending", next to the settings file), so a
+ * run lost to a stop or crash happens after the next start. */
 #pragma once
 
 #include <stdbool.h>
@@ -21,12 +23,18 @@ int settings_render(const Committed *c, char *buf, size_t size);
 typedef struct SettingsWriter SettingsWriter;
 typedef struct Runner Runner;
 
+/* Sweeps leftover temporary files and notes an on_change run owed from
+ * before the start (the marker file); it runs on the first apply. */
 int settings_writer_new(sd_event *e, const Config *cfg, SettingsWriter **ret);
+/* Stops a running on_change (SIGTERM, up to 5 s, then SIGKILL: blocks, for
+ * the shutdown only). A run still owed stays recorded for the next start. */
 SettingsWriter *settings_writer_free(SettingsWriter *w);
 
 /* Makes the file describe c (epoch >= 1, else -EINVAL): writes it if its
- * content (or mode) differs, then runs on_change when the content changed.
- * Failures are logged and retried with backoff; returns 0 when written or
+ * content (or mode) differs, then runs on_change when the content changed,
+ * or when a run was owed at the last stop (even if the file matches). A
+ * rename whose directory fsync failed counts as written (logged). Failures
+ * are logged and retried with backoff; returns 0 when written or
  * unchanged, or the negative errno of the failed write (a retry is already
  * scheduled). */
 int settings_writer_apply(SettingsWriter *w, const Committed *c);

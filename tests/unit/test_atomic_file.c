@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 
 #include <cmocka.h>
@@ -18,9 +19,25 @@
 
 static char tmpdir[64];
 
+/* This definition replaces libc's fsync() for atomic_file.o (an object
+ * linked into the program wins over the shared library), so a test can
+ * make the fsync of a directory fail the way a disk error would. */
+static bool fail_dir_fsync;
+
+int fsync(int fd) {
+        struct stat st;
+
+        if (fail_dir_fsync && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+                errno = EIO;
+                return -1;
+        }
+        return (int) syscall(SYS_fsync, fd);
+}
+
 static int setup(void **state) {
         strscpy(tmpdir, sizeof(tmpdir), "/tmp/test-atomic-XXXXXX");
         assert_non_null(mkdtemp(tmpdir));
+        fail_dir_fsync = false;
         return 0;
 }
 
@@ -128,13 +145,34 @@ static void test_sweep(void **state) {
         touch(".s.ini.tmp-ZZZZZZ");
         touch(".s.inix.tmp-abc123"); /* another file's temp: kept */
         touch(".other.tmp-abc123");
+        touch(".s.ini.on_change-pending"); /* the settings writer's marker: kept */
         path_in(p, sizeof(p), "s.ini");
         assert_int_equal(atomic_file_sweep(p), 2);
         assert_int_equal(atomic_file_sweep(p), 0);
-        assert_int_equal(count_hidden(tmpdir), 2);
+        assert_int_equal(count_hidden(tmpdir), 3);
         assert_int_equal(access(p, F_OK), 0);
         path_in(p, sizeof(p), "nodir/s.ini");
         assert_int_equal(atomic_file_sweep(p), -ENOENT);
+}
+
+/* The rename happened but the directory fsync failed: a positive errno,
+ * the new content in place, no temporary file left. */
+static void test_dir_fsync_failure(void **state) {
+        char p[128];
+
+        path_in(p, sizeof(p), "d.ini");
+        assert_int_equal(atomic_file_write(p, "old\n", 4, 0640), 0);
+        fail_dir_fsync = true;
+        assert_int_equal(atomic_file_write(p, "new\n", 4, 0640), EIO);
+        fail_dir_fsync = false;
+        assert_content(p, "new\n");
+        assert_int_equal(file_mode(p), 0640);
+        assert_int_equal(count_hidden(tmpdir), 0);
+        /* A failure before the rename is still negative, old file kept. */
+        path_in(p, sizeof(p), "missing-dir/file");
+        fail_dir_fsync = true;
+        assert_int_equal(atomic_file_write(p, "x", 1, 0600), -ENOENT);
+        fail_dir_fsync = false;
 }
 
 /* Mounts a 64 KiB tmpfs on tmpdir/mnt; false (and skip) when impossible. */
@@ -223,6 +261,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_mode_ignores_umask, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_sweep, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_dir_fsync_failure, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_enospc, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_eacces, setup, teardown),
         };

@@ -1,4 +1,5 @@
 /* runner: real children on a real sd-event loop. */
+#include <dirent.h>
 #include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -122,7 +123,8 @@ static void test_busy(void **state) {
         assert_int_equal(c->status, 0);
 }
 
-/* Freeing a Runner kills and reaps its child at once. */
+/* Freeing a Runner stops and reaps its child; one that exits on SIGTERM
+ * (sleep does) goes at once. */
 static void test_free_kills(void **state) {
         Ctx *c = *state;
         char *argv[] = {"/bin/sleep", "30", NULL};
@@ -133,6 +135,117 @@ static void test_free_kills(void **state) {
         assert_true(now_usec() - start < 2 * USEC_PER_SEC);
         assert_int_equal(waitpid(-1, NULL, WNOHANG), -1);
         assert_false(c->done);
+}
+
+/* Number of processes of group pgid that are not zombies (a killed
+ * grandchild may stay a zombie for a while when it was reparented to an
+ * init that reaps slowly, or not at all in a container). */
+static int group_alive(pid_t pgid) {
+        DIR *d = opendir("/proc");
+        struct dirent *de;
+        int n = 0;
+
+        assert_non_null(d);
+        while ((de = readdir(d))) {
+                char p[300], buf[512], state;
+                const char *rp;
+                int pgrp = 0, ppid, fd;
+                ssize_t len;
+
+                if (de->d_name[0] < '0' || de->d_name[0] > '9')
+                        continue;
+                snprintf(p, sizeof(p), "/proc/%s/stat", de->d_name);
+                fd = open(p, O_RDONLY | O_CLOEXEC);
+                if (fd < 0)
+                        continue;
+                len = read(fd, buf, sizeof(buf) - 1);
+                close(fd);
+                if (len <= 0)
+                        continue;
+                buf[len] = 0;
+                rp = strrchr(buf, ')');
+                if (rp && sscanf(rp + 1, " %c %d %d", &state, &ppid, &pgrp) == 3 && pgrp == pgid &&
+                    state != 'Z' && state != 'X')
+                        n++;
+        }
+        closedir(d);
+        return n;
+}
+
+/* Waits (without the loop: the child needs nothing from it) until the
+ * child created dir/name. */
+static void wait_for_file(Ctx *c, const char *name) {
+        char p[128];
+        uint64_t start = now_usec();
+
+        snprintf(p, sizeof(p), "%s/%s", c->dir, name);
+        while (access(p, F_OK) < 0) {
+                assert_true(now_usec() - start < 5 * USEC_PER_SEC);
+                usleep(10000);
+        }
+}
+
+/* A graceful stop: the child gets SIGTERM and time to clean up; so does
+ * the rest of its group (the background sleep). */
+static void test_free_terminates(void **state) {
+        Ctx *c = *state;
+        char script[512], path[128];
+        char *argv[] = {"/bin/sh", "-c", script, NULL};
+        _cleanup_(freep) char *got = NULL;
+        uint64_t start;
+        pid_t pid;
+
+        snprintf(script, sizeof(script),
+                 "trap 'echo cleaned-up > %1$s/bye; exit 0' TERM; echo $$ > %1$s/pid; sleep 30 & "
+                 "touch %1$s/ready; wait",
+                 c->dir);
+        assert_int_equal(runner_start(c->runner, argv, NULL, 0, on_done, c), 0);
+        wait_for_file(c, "ready");
+        snprintf(path, sizeof(path), "%s/pid", c->dir);
+        assert_int_equal(read_file_full(path, 64, &got, NULL), 0);
+        pid = (pid_t) atoi(got);
+        assert_true(pid > 1);
+        start = now_usec();
+        c->runner = runner_free(c->runner);
+        assert_true(now_usec() - start < 3 * USEC_PER_SEC);
+        free(got);
+        got = NULL;
+        snprintf(path, sizeof(path), "%s/bye", c->dir);
+        assert_int_equal(read_file_full(path, 64, &got, NULL), 0);
+        assert_string_equal(got, "cleaned-up\n");
+        assert_false(c->done);
+        /* Reaped, and nothing of its group is left. */
+        assert_int_equal(waitpid(-1, NULL, WNOHANG), -1);
+        assert_int_equal(errno, ECHILD);
+        assert_int_equal(group_alive(pid), 0);
+}
+
+/* A child (and group) ignoring SIGTERM gets 5 s, then SIGKILL. */
+static void test_free_kills_after_grace(void **state) {
+        Ctx *c = *state;
+        char script[512], path[128];
+        char *argv[] = {"/bin/sh", "-c", script, NULL};
+        _cleanup_(freep) char *got = NULL;
+        uint64_t start, took;
+        pid_t pid;
+
+        snprintf(script, sizeof(script), "trap '' TERM; echo $$ > %1$s/pid; touch %1$s/ready; sleep 30",
+                 c->dir);
+        assert_int_equal(runner_start(c->runner, argv, NULL, 0, on_done, c), 0);
+        wait_for_file(c, "ready");
+        snprintf(path, sizeof(path), "%s/pid", c->dir);
+        assert_int_equal(read_file_full(path, 64, &got, NULL), 0);
+        pid = (pid_t) atoi(got);
+        assert_true(pid > 1);
+        start = now_usec();
+        c->runner = runner_free(c->runner);
+        took = now_usec() - start;
+        assert_true(took >= 4500 * USEC_PER_MSEC);
+        assert_true(took < 8 * USEC_PER_SEC);
+        assert_false(c->done);
+        assert_int_equal(waitpid(-1, NULL, WNOHANG), -1);
+        assert_int_equal(errno, ECHILD);
+        assert_int_equal(group_alive(pid), 0);
 }
 
 static void test_environment(void **state) {
@@ -255,6 +368,8 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_missing_binary, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_busy, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_free_kills, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_free_terminates, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_free_kills_after_grace, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_environment, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_child_context, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_timeout, setup, teardown),

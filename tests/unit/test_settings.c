@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 
 #include <cmocka.h>
@@ -29,6 +30,23 @@ static const char contract_example[] = "# Managed by dsm-agent-syncd. Local chan
                                        "primary_id = p2\n"
                                        "epoch = 8\n"
                                        "api_url = https://p2.example:8443\n";
+
+/* Replaces libc's fsync() for atomic_file.o (an object linked into the
+ * program wins over the shared library): the fsync of a directory can be
+ * made to fail as on a disk error, after the rename happened. */
+static bool fail_dir_fsync;
+
+int fsync(int fd) {
+        struct stat st;
+
+        if (fail_dir_fsync && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+                errno = EIO;
+                return -1;
+        }
+        return (int) syscall(SYS_fsync, fd);
+}
+
+#define MARKER ".rabbitmq.ini.on_change-pending"
 
 typedef struct Ctx {
         sd_event *event;
@@ -58,6 +76,7 @@ static int setup(void **state) {
         assert_int_equal(sd_event_new(&c->event), 0);
         strscpy(c->dir, sizeof(c->dir), "/tmp/test-settings-XXXXXX");
         assert_non_null(mkdtemp(c->dir));
+        fail_dir_fsync = false;
         snprintf(c->path, sizeof(c->path), "%s/rabbitmq.ini", c->dir);
         c->cfg.settings_file = c->path;
         c->cfg.settings_mode = 0640;
@@ -117,6 +136,23 @@ static char *read_in_dir(Ctx *c, const char *name) {
         if (read_file_full(p, 1 << 20, &buf, NULL) < 0)
                 return NULL;
         return buf;
+}
+
+static bool exists_in_dir(Ctx *c, const char *name) {
+        char p[192];
+
+        snprintf(p, sizeof(p), "%s/%s", c->dir, name);
+        return access(p, F_OK) == 0;
+}
+
+static void touch_in_dir(Ctx *c, const char *name) {
+        char p[192];
+        int fd;
+
+        snprintf(p, sizeof(p), "%s/%s", c->dir, name);
+        fd = open(p, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+        assert_true(fd >= 0);
+        close(fd);
 }
 
 static void test_render(void **state) {
@@ -358,6 +394,166 @@ static void test_write_failure_retry(void **state) {
         assert_int_equal(umount(mnt), 0);
 }
 
+/* The marker is on disk before on_change starts (the hook sees it) and
+ * gone once it succeeded. */
+static void test_marker_lifecycle(void **state) {
+        Ctx *c = *state;
+        SettingsWriter *w = NULL;
+        Committed k = committed(8);
+        char script[256];
+        _cleanup_(freep) char *seen = NULL, *marker = NULL;
+
+        snprintf(script, sizeof(script), "cat %1$s/" MARKER " >> %1$s/seen", c->dir);
+        set_hook(c, script);
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        assert_int_equal(settings_writer_apply(w, &k), 0);
+        assert_true(exists_in_dir(c, MARKER));
+        marker = read_in_dir(c, MARKER);
+        assert_string_equal(marker, "8\n");
+        run_until_idle(c, w, 5 * USEC_PER_SEC);
+        seen = read_in_dir(c, "seen");
+        assert_string_equal(seen, "8\n");
+        assert_false(exists_in_dir(c, MARKER));
+        /* No hook: no marker either. */
+        c->cfg.on_change_argv = NULL;
+        assert_int_equal(settings_writer_reconfigure(w, &c->cfg), 0);
+        k = committed(9);
+        assert_int_equal(settings_writer_apply(w, &k), 0);
+        assert_false(exists_in_dir(c, MARKER));
+        settings_writer_free(w);
+}
+
+/* A failing on_change backing off when the daemon stops is run again after
+ * the next start, although the file already matches the committed pair;
+ * with the current content's variables. After it succeeded, a further
+ * start runs nothing. */
+static void test_owed_run_survives_restart(void **state) {
+        Ctx *c = *state;
+        SettingsWriter *w = NULL;
+        Committed k = committed(8);
+        char script[512], want[512];
+        _cleanup_(freep) char *runs = NULL, *env = NULL;
+
+        snprintf(script, sizeof(script),
+                 "echo $DSM_EPOCH >> %1$s/runs; env | grep ^DSM_ | sort > %1$s/env; test -e %1$s/ok",
+                 c->dir);
+        set_hook(c, script);
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        assert_int_equal(settings_writer_apply(w, &k), 0);
+        run_for(c, 300 * USEC_PER_MSEC); /* one failed run, now backing off */
+        assert_true(settings_writer_busy(w));
+        settings_writer_free(w);
+        runs = read_in_dir(c, "runs");
+        assert_string_equal(runs, "8\n");
+
+        touch_in_dir(c, "ok");
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        assert_int_equal(settings_writer_apply(w, &k), 0);
+        assert_int_equal(settings_writer_changes(w), 0); /* the file matched */
+        assert_true(settings_writer_busy(w));
+        run_until_idle(c, w, 5 * USEC_PER_SEC);
+        free(runs);
+        runs = read_in_dir(c, "runs");
+        assert_string_equal(runs, "8\n8\n");
+        env = read_in_dir(c, "env");
+        snprintf(want, sizeof(want),
+                 "DSM_BROKER_HOST=p2.example\nDSM_BROKER_PORT=5671\nDSM_BROKER_TLS=true\n"
+                 "DSM_BROKER_VHOST=/dsm\nDSM_EPOCH=8\nDSM_PRIMARY_ID=p2\nDSM_SETTINGS_FILE=%s\n",
+                 c->path);
+        assert_string_equal(env, want);
+        assert_false(exists_in_dir(c, MARKER));
+        settings_writer_free(w);
+
+        /* Nothing owed: the next start runs nothing. */
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        assert_int_equal(settings_writer_apply(w, &k), 0);
+        assert_false(settings_writer_busy(w));
+        settings_writer_free(w);
+        free(runs);
+        runs = read_in_dir(c, "runs");
+        assert_string_equal(runs, "8\n8\n");
+}
+
+/* Stopped while on_change runs (it is terminated): run again after the
+ * next start. */
+static void test_interrupted_run_survives_restart(void **state) {
+        Ctx *c = *state;
+        SettingsWriter *w = NULL;
+        Committed k = committed(8);
+        char script[256];
+        _cleanup_(freep) char *runs = NULL;
+
+        snprintf(script, sizeof(script), "echo $DSM_EPOCH >> %1$s/runs; test -e %1$s/ok || sleep 30",
+                 c->dir);
+        set_hook(c, script);
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        assert_int_equal(settings_writer_apply(w, &k), 0);
+        run_for(c, 200 * USEC_PER_MSEC);
+        settings_writer_free(w);
+
+        touch_in_dir(c, "ok");
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        assert_int_equal(settings_writer_apply(w, &k), 0);
+        run_until_idle(c, w, 5 * USEC_PER_SEC);
+        runs = read_in_dir(c, "runs");
+        assert_string_equal(runs, "8\n8\n");
+        assert_false(exists_in_dir(c, MARKER));
+        settings_writer_free(w);
+}
+
+/* A marker found at start when on_change is no longer set: removed, no
+ * run. A marker's leftover temporary files are swept, the marker kept. */
+static void test_marker_without_hook(void **state) {
+        Ctx *c = *state;
+        SettingsWriter *w = NULL;
+        Committed k = committed(8);
+
+        touch_in_dir(c, "." MARKER ".tmp-AbC123");
+        touch_in_dir(c, MARKER);
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        assert_false(exists_in_dir(c, "." MARKER ".tmp-AbC123"));
+        assert_false(exists_in_dir(c, MARKER));
+        assert_int_equal(settings_writer_apply(w, &k), 0);
+        assert_false(settings_writer_busy(w));
+        settings_writer_free(w);
+
+        /* With a hook, the sweep at start keeps the marker. */
+        set_hook(c, "true");
+        touch_in_dir(c, MARKER);
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        assert_true(exists_in_dir(c, MARKER));
+        /* Dropping the hook (SIGHUP) removes it. */
+        c->cfg.on_change_argv = NULL;
+        assert_int_equal(settings_writer_reconfigure(w, &c->cfg), 0);
+        assert_false(exists_in_dir(c, MARKER));
+        settings_writer_free(w);
+}
+
+/* The rename happened but the directory fsync failed: the agent sees the
+ * new file, so it counts as written and on_change runs. */
+static void test_dir_fsync_failure(void **state) {
+        Ctx *c = *state;
+        SettingsWriter *w = NULL;
+        Committed k = committed(8);
+        char script[256];
+        _cleanup_(freep) char *runs = NULL, *got = NULL;
+
+        snprintf(script, sizeof(script), "echo $DSM_EPOCH >> %s/runs", c->dir);
+        set_hook(c, script);
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        fail_dir_fsync = true;
+        assert_int_equal(settings_writer_apply(w, &k), 0);
+        fail_dir_fsync = false;
+        assert_int_equal(settings_writer_error(w), 0);
+        assert_int_equal(settings_writer_changes(w), 1);
+        run_until_idle(c, w, 5 * USEC_PER_SEC);
+        runs = read_in_dir(c, "runs");
+        assert_string_equal(runs, "8\n");
+        assert_int_equal(read_file_full(c->path, SETTINGS_MAX, &got, NULL), 0);
+        assert_string_equal(got, contract_example);
+        settings_writer_free(w);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_render),
@@ -369,6 +565,11 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_on_change_retry, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_on_change_missing, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_write_failure_retry, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_marker_lifecycle, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_owed_run_survives_restart, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_interrupted_run_survives_restart, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_marker_without_hook, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_dir_fsync_failure, setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
