@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import sections  # noqa: E402
 
-SECTIONS = ("failover", "death", "idle", "notify", "fleet")
+SECTIONS = ("failover", "death", "idle", "notify", "fleet", "fleet_spread")
 
 
 def parse_args(argv):
@@ -52,6 +52,8 @@ def parse_args(argv):
     if a.agents is None:
         a.agents = int(os.environ.get("AGENTS") or (20 if q else 200))
     a.fleet_poll = "5s" if q else "30s"
+    a.fleet_hint_spread = "0s"
+    a.fleet_spread_value = "1s" if q else "4s"
     a.fleet_steady = 10 if q else 60
     a.json = a.json or os.path.join(common.BUILD_DIR, "bench.json")
     return a
@@ -114,11 +116,14 @@ def report(res):
         w("   %d keep-alive clients, %s s: accepted %s/s, answered %s/s (status counts %s), daemon CPU %s %%"
           % (f["clients"], f["seconds"], f["accepted_per_s"], f["answered_per_s"],
              json.dumps(f["status_counts"], sort_keys=True), f["daemon_cpu_percent"]))
-    if "fleet" in s and "error" not in s["fleet"]:
-        f = s["fleet"]
+    for fname in ("fleet", "fleet_spread"):
+        if fname not in s or "error" in s[fname]:
+            continue
+        f = s[fname]
         st = f["steady"]
-        w("\n5. Fleet: %d agents (poll_interval %s, heartbeat %s); all connected %s s after start"
-          % (f["agents"], f["poll_interval"], f["heartbeat"], f["start_to_all_connected_s"]))
+        w("\n5. Fleet: %d agents (poll_interval %s, heartbeat %s, hint_spread %s); all connected %s s after start"
+          % (f["agents"], f["poll_interval"], f["heartbeat"], f.get("hint_spread", "0s"),
+             f["start_to_all_connected_s"]))
         w("   per agent: RSS %s KiB, PSS %s KiB, private %s KiB (means)"
           % (f["rss_kib_mean"], f["pss_kib_mean"], f["private_kib_mean"]))
         w("   steady %s s: %s req/s (%s per 1000 agents), 200: %s, 304: %s, peak 1 s bucket %s req/s"
@@ -168,7 +173,7 @@ def main(argv=None):
            "quick": opts.quick, "sections": {}, "targets": []}
     env = common.Env()
     funcs = {"failover": sections.failover, "death": sections.primary_death, "idle": sections.idle,
-             "notify": sections.notify, "fleet": sections.fleet}
+             "notify": sections.notify, "fleet": sections.fleet, "fleet_spread": sections.fleet_spread}
     failed = False
     try:
         for name in opts.sections:
