@@ -9,13 +9,16 @@
  * Defences, outermost first:
  *   - peers outside [notify] allow are closed in the accept policy
  *     callback, before a byte is read;
- *   - per-peer (MHD) and total (ours, with eviction of the oldest idle
- *     connection) connection limits, so idle sockets cannot lock others out;
+ *   - per-peer and total connection limits, both ours and both evicting
+ *     the oldest idle connection (one between requests) before refusing,
+ *     so idle sockets cannot lock a peer or everyone out; MHD's own limits
+ *     sit above ours as a backstop only;
  *   - MHD's idle timeout plus our whole-request deadline against slow
  *     clients that trickle one byte at a time;
  *   - a small per-connection memory pool and a 4096-byte body cap that is
  *     counted as the body arrives (chunked bodies too);
- *   - a token bucket for authenticated requests;
+ *   - a token bucket for authenticated requests, and one for failed
+ *     authentications that answers 429 before the token is looked at;
  *   - rate-limited logging of rejections, so a flood cannot flood the
  *     journal either. */
 #include <arpa/inet.h>
@@ -23,6 +26,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <linux/tcp.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -43,23 +47,36 @@
  * closed on the next MHD_run, and new ones may arrive meanwhile. */
 #define NOTIFY_MHD_CONNECTION_SLACK 16
 #define NOTIFY_PER_PEER_CONNECTIONS 8
-#define NOTIFY_IDLE_TIMEOUT_SEC     5
+/* MHD counts per address before our accept callback runs, so its limit
+ * must sit well above ours (evicted connections still count there until
+ * its next run) or it would refuse where we would evict. */
+#define NOTIFY_MHD_PER_PEER_BACKSTOP 32
+/* Over TLS the handshake bytes hide whether a request has begun: such a
+ * connection counts as idle once nothing has arrived for this long. */
+#define NOTIFY_TLS_QUIET_MSEC   1000
+#define NOTIFY_IDLE_TIMEOUT_SEC 5
 /* MHD's timeout restarts at every byte; this one does not. */
 #define NOTIFY_REQUEST_DEADLINE_USEC (10 * USEC_PER_SEC)
 #define NOTIFY_MEMORY_LIMIT          (16 * 1024)
 #define NOTIFY_LISTEN_BACKLOG        256
-#define NOTIFY_TLS_FILE_MAX          (64 * 1024)
-/* How much of an oversized chunked body is drained to answer it with 413. */
-#define NOTIFY_DISCARD_MAX (64 * 1024)
+/* MHD's timeout is often 0 ("run again at once": data left in a buffer);
+ * sd-event's default accuracy (250 ms) would stall every such step. */
+#define NOTIFY_TIMER_ACCURACY_USEC USEC_PER_MSEC
+#define NOTIFY_TLS_FILE_MAX        (64 * 1024)
 
 typedef struct TokenBucket {
         double tokens; /* available */
+        double rate;   /* tokens per second */
+        double burst;  /* at most this many */
         uint64_t usec; /* CLOCK_MONOTONIC of the last refill */
 } TokenBucket;
 
 /* Token bucket for authenticated notify/status requests. */
 #define NOTIFY_RATE_PER_SEC 20
 #define NOTIFY_RATE_BURST   40
+/* Token bucket for failed authentications (401s), shared by all peers. */
+#define NOTIFY_AUTH_FAIL_PER_SEC 5
+#define NOTIFY_AUTH_FAIL_BURST   10
 
 /* Logging of rejections and acceptances: at most this many lines per
  * window, then one summary line. */
@@ -77,10 +94,12 @@ typedef struct RateLog {
 /* One TCP connection, from MHD's STARTED to CLOSED notification. */
 typedef struct Conn {
         struct Conn *prev, *next; /* oldest first */
-        int fd;
-        bool busy;           /* a request's headers are in; not evictable */
-        bool evicted;        /* shut down by us, MHD closes it on its next run */
-        uint64_t since_usec; /* CLOCK_MONOTONIC: accept, or end of the last request */
+        int fd;                   /* -1 when MHD did not say: never evicted by us */
+        struct in6_addr peer;     /* IPv4 as v4-mapped */
+        bool busy;                /* a request's headers are in; not evictable */
+        bool evicted;             /* shut down by us, MHD closes it on its next run */
+        uint64_t since_usec;      /* CLOCK_MONOTONIC: accept, or end of the last request */
+        uint64_t rx_idle;         /* bytes received when it last became idle */
 } Conn;
 
 /* One request, from its headers to MHD's completed notification. */
@@ -107,12 +126,15 @@ struct NotifyServer {
 
         char *tls_cert_pem, *tls_key_pem;
 
+        bool tls;
+
         Conn *conns_head, *conns_tail;
         unsigned n_conns, n_evicted;
 
         /* Notifies and status reads have a bucket each, so a notify flood
-         * never locks support out of `dsm-agent-syncctl status`. */
-        TokenBucket notify_bucket, status_bucket;
+         * never locks support out of `dsm-agent-syncctl status`. Failed
+         * authentications have their own, so guessing is slow. */
+        TokenBucket notify_bucket, status_bucket, auth_fail_bucket;
 
         RateLog log_rejected, log_accepted;
 };
@@ -341,6 +363,12 @@ void notify_handle_request(const NotifyRequest *req, NotifyReply *r) {
         }
         if (r->route == NOTIFY_ROUTE_HEALTH)
                 return reply_set(r, 200, "status", "ok");
+        /* Before the token is compared: over the limit, a guess learns
+         * nothing, right or wrong. */
+        if (req->auth_retry_after > 0) {
+                r->retry_after = req->auth_retry_after;
+                return reply_error(r, 429, "too many failed authentications");
+        }
         if (!notify_auth_ok(req->authorization, req->token))
                 return reply_error(r, 401, req->authorization ? "wrong token" : "missing token");
         if (req->body_too_large ||
@@ -433,24 +461,57 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap) {
 
 /* ---- the token bucket ---------------------------------------------- */
 
+static TokenBucket bucket_new(NotifyServer *s, double rate, double burst) {
+        return (TokenBucket){.tokens = burst, .rate = rate, .burst = burst, .usec = now_usec(s)};
+}
+
+/* Refills; returns 0 when a token is available, else the whole seconds
+ * (at least 1) until one is. */
+static unsigned bucket_wait(NotifyServer *s, TokenBucket *b) {
+        uint64_t now = now_usec(s);
+        double secs;
+
+        b->tokens += (double) (now - b->usec) * b->rate / (double) USEC_PER_SEC;
+        if (b->tokens > b->burst)
+                b->tokens = b->burst;
+        b->usec = now;
+        if (b->tokens >= 1.0)
+                return 0;
+        secs = (1.0 - b->tokens) / b->rate;
+        return secs <= 1.0 ? 1 : (unsigned) secs + 1;
+}
+
 /* Takes one token; on failure returns false and the seconds until one
  * is back. */
 static bool bucket_take(NotifyServer *s, TokenBucket *b, unsigned *ret_retry_after) {
-        uint64_t now = now_usec(s);
+        unsigned wait = bucket_wait(s, b);
 
-        b->tokens += (double) (now - b->usec) * NOTIFY_RATE_PER_SEC / (double) USEC_PER_SEC;
-        if (b->tokens > NOTIFY_RATE_BURST)
-                b->tokens = NOTIFY_RATE_BURST;
-        b->usec = now;
-        if (b->tokens >= 1.0) {
-                b->tokens -= 1.0;
-                return true;
+        if (wait > 0) {
+                *ret_retry_after = wait;
+                return false;
         }
-        *ret_retry_after = 1; /* a token comes back within 1/RATE s */
-        return false;
+        b->tokens -= 1.0;
+        return true;
 }
 
 /* ---- connections ------------------------------------------------- */
+
+/* The address of sa as IPv6, IPv4 v4-mapped; false for other families. */
+static bool peer_key(const struct sockaddr *sa, struct in6_addr *ret) {
+        if (!sa)
+                return false;
+        if (sa->sa_family == AF_INET) {
+                *ret = (struct in6_addr){};
+                ret->s6_addr[10] = ret->s6_addr[11] = 0xff;
+                memcpy(&ret->s6_addr[12], &((const struct sockaddr_in *) sa)->sin_addr, 4);
+                return true;
+        }
+        if (sa->sa_family == AF_INET6) {
+                *ret = ((const struct sockaddr_in6 *) sa)->sin6_addr;
+                return true;
+        }
+        return false;
+}
 
 static void peer_string(const struct sockaddr *sa, char *buf, size_t size) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *) sa;
@@ -491,22 +552,88 @@ static void conn_append(NotifyServer *s, Conn *c) {
 }
 
 /* Shuts the socket down under MHD's feet: MHD sees EOF on its next run
- * and closes the connection through its normal path. */
-static void conn_evict(NotifyServer *s, Conn *c) {
+ * and closes the connection through its normal path. Returns false, and
+ * counts nothing, when the socket could not be shut down (no fd known):
+ * such a connection is left to MHD's idle timeout. */
+static bool conn_evict(NotifyServer *s, Conn *c) {
         if (c->evicted)
-                return;
-        (void) shutdown(c->fd, SHUT_RDWR);
+                return true;
+        if (c->fd < 0 || shutdown(c->fd, SHUT_RDWR) < 0)
+                return false;
         c->evicted = true;
         s->n_evicted++;
+        return true;
 }
 
-static bool evict_oldest_idle(NotifyServer *s) {
+/* What the kernel says about the connection: bytes received so far and
+ * milliseconds since the last data came in. */
+static bool conn_tcp_info(const Conn *c, uint64_t *ret_bytes, uint32_t *ret_quiet_ms) {
+        struct tcp_info ti = {};
+        socklen_t len = sizeof(ti);
+
+        if (c->fd < 0 || getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 ||
+            len < offsetof(struct tcp_info, tcpi_bytes_received) + sizeof(ti.tcpi_bytes_received))
+                return false;
+        *ret_bytes = ti.tcpi_bytes_received;
+        *ret_quiet_ms = ti.tcpi_last_data_recv;
+        return true;
+}
+
+/* Marks the connection as between requests from now on. */
+static void conn_set_idle(NotifyServer *s, Conn *c) {
+        uint32_t quiet_ms;
+
+        c->busy = false;
+        c->since_usec = now_usec(s);
+        if (!conn_tcp_info(c, &c->rx_idle, &quiet_ms))
+                c->rx_idle = UINT64_MAX;
+}
+
+/* True when the connection sits between requests: no request's headers
+ * are in and not one byte of the next request has arrived (over TLS,
+ * where handshake bytes count too: nothing has arrived for a while).
+ * Only such a connection is evicted to make room for another. */
+static bool conn_idle(NotifyServer *s, const Conn *c) {
+        uint64_t bytes;
+        uint32_t quiet_ms;
+
+        if (c->busy || c->evicted || !conn_tcp_info(c, &bytes, &quiet_ms))
+                return false;
+        if (s->tls)
+                return quiet_ms >= NOTIFY_TLS_QUIET_MSEC;
+        return bytes == c->rx_idle;
+}
+
+/* Makes room under the total limit: the oldest idle connection, else the
+ * oldest one still sending its headers (the deadline would drop it soon
+ * anyway); never one whose request is being handled. */
+static bool evict_for_total(NotifyServer *s) {
         for (Conn *c = s->conns_head; c; c = c->next)
-                if (!c->busy && !c->evicted) {
-                        conn_evict(s, c);
+                if (conn_idle(s, c) && conn_evict(s, c))
                         return true;
-                }
+        for (Conn *c = s->conns_head; c; c = c->next)
+                if (!c->busy && !c->evicted && conn_evict(s, c))
+                        return true;
         return false;
+}
+
+/* Makes room under the per-peer limit: true when peer has fewer than
+ * NOTIFY_PER_PEER_CONNECTIONS connections, or had its oldest idle one
+ * evicted. A peer whose connections are all inside a request is refused. */
+static bool evict_for_peer(NotifyServer *s, const struct in6_addr *peer) {
+        Conn *idle = NULL;
+        unsigned n = 0;
+
+        for (Conn *c = s->conns_head; c; c = c->next) {
+                if (c->evicted || memcmp(&c->peer, peer, sizeof(*peer)) != 0)
+                        continue;
+                n++;
+                if (!idle && conn_idle(s, c))
+                        idle = c;
+        }
+        if (n < NOTIFY_PER_PEER_CONNECTIONS)
+                return true;
+        return idle && conn_evict(s, idle);
 }
 
 static void on_connection(void *cls, struct MHD_Connection *connection, void **socket_context,
@@ -517,12 +644,21 @@ static void on_connection(void *cls, struct MHD_Connection *connection, void **s
         if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
                 const union MHD_ConnectionInfo *ci =
                         MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
+                const union MHD_ConnectionInfo *ai =
+                        MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
 
                 c = calloc(1, sizeof(*c));
                 if (!c)
                         return; /* untracked: still bounded by MHD's limit */
                 c->fd = ci ? ci->connect_fd : -1;
+                if (notify_test_connection_fd)
+                        c->fd = notify_test_connection_fd(c->fd);
+                if (!ai || !peer_key(ai->client_addr, &c->peer))
+                        c->peer = in6addr_any;
+                /* Whatever arrived before MHD got to this notification is
+                 * the start of a request already: 0 bytes marks idle. */
                 c->since_usec = now_usec(s);
+                c->rx_idle = 0;
                 conn_append(s, c);
                 s->n_conns++;
                 *socket_context = c;
@@ -546,16 +682,22 @@ static Conn *conn_of(struct MHD_Connection *connection) {
 static enum MHD_Result on_accept(void *cls, const struct sockaddr *addr, socklen_t addrlen) {
         NotifyServer *s = cls;
         char peer[PEER_MAX];
+        struct in6_addr key;
 
-        if (!addr || !cidr_list_contains(s->allow, s->n_allow, addr)) {
+        if (!addr || !cidr_list_contains(s->allow, s->n_allow, addr) || !peer_key(addr, &key)) {
                 peer_string(addr, peer, sizeof(peer));
                 log_rejected(s, LOG_NOTICE, peer, "peer not allowed");
                 return MHD_NO;
         }
-        /* At the limit, the oldest connection that has not sent a request
+        /* At a limit, the oldest connection that has not sent a request
          * makes room: idle sockets cannot lock out a peer with something
          * to say. */
-        if (s->n_conns - s->n_evicted >= NOTIFY_MAX_CONNECTIONS && !evict_oldest_idle(s)) {
+        if (!evict_for_peer(s, &key)) {
+                peer_string(addr, peer, sizeof(peer));
+                log_rejected(s, LOG_NOTICE, peer, "per-peer connection limit reached");
+                return MHD_NO;
+        }
+        if (s->n_conns - s->n_evicted >= NOTIFY_MAX_CONNECTIONS && !evict_for_total(s)) {
                 peer_string(addr, peer, sizeof(peer));
                 log_rejected(s, LOG_NOTICE, peer, "connection limit reached");
                 return MHD_NO;
@@ -573,9 +715,11 @@ static uint64_t sweep_deadlines(NotifyServer *s) {
 
                 if (c->evicted)
                         continue;
-                if (deadline <= now)
-                        conn_evict(s, c);
-                else if (deadline < next)
+                if (deadline <= now) {
+                        /* Not evictable (no fd): left to MHD's idle timeout,
+                         * and no timer for it, or the timer would spin. */
+                        (void) conn_evict(s, c);
+                } else if (deadline < next)
                         next = deadline;
         }
         return next;
@@ -606,6 +750,10 @@ static enum MHD_Result respond(struct MHD_Connection *connection, unsigned statu
                 (void) snprintf(buf, sizeof(buf), "%u", retry_after);
                 (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, buf);
         }
+        /* The rest of an oversized body is not read: the connection cannot
+         * carry another request. */
+        if (status == 413)
+                (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
         ret = MHD_queue_response(connection, status, resp);
         MHD_destroy_response(resp);
         return ret;
@@ -624,13 +772,18 @@ static enum MHD_Result respond_plain(NotifyServer *s, struct MHD_Connection *con
         char peer[PEER_MAX];
 
         connection_peer(connection, peer, sizeof(peer));
-        if (r->status == 401)
+        if (r->status == 401) {
+                unsigned ignored;
+
+                /* Spends a token of the failure bucket; when that was
+                 * the last, the next guesses get 429 unread. */
+                (void) bucket_take(s, &s->auth_fail_bucket, &ignored);
                 log_rejected(s, LOG_WARNING, peer, r->reason);
-        else if (r->status == 400 || r->status == 413)
+        } else if (r->status == 400 || r->status == 413 || r->status == 429)
                 log_rejected(s, LOG_NOTICE, peer, r->reason);
         else if (r->status >= 400)
                 log_debug("notify: %u for %s: %s", r->status, peer, r->reason);
-        return respond(connection, r->status, take_body(r), r->allow, 0);
+        return respond(connection, r->status, take_body(r), r->allow, r->retry_after);
 }
 
 static enum MHD_Result respond_action(NotifyServer *s, struct MHD_Connection *connection, NotifyReply *r) {
@@ -699,6 +852,7 @@ static enum MHD_Result request_begin(NotifyServer *s, struct MHD_Connection *con
 
         request_init(s, connection, url, method, &req);
         req.headers_only = true;
+        req.auth_retry_after = bucket_wait(s, &s->auth_fail_bucket);
         notify_handle_request(&req, &r);
         if (r.status == 0)
                 return MHD_YES; /* read the body */
@@ -714,14 +868,19 @@ static enum MHD_Result request_body(Req *q, const char *data, size_t *size) {
                 return MHD_YES;
         }
         if (q->too_large) {
-                /* libmicrohttpd 0.9.75 cannot queue an answer while a body
-                 * is still arriving, so a chunked body over the cap is
-                 * drained, never stored, until its end (then 413) or
-                 * until NOTIFY_DISCARD_MAX more bytes (then the connection
-                 * is closed without an answer). */
+                /* libmicrohttpd 0.9.75 queues a response only when the
+                 * headers are in or the whole body is (MHD_queue_response
+                 * refuses in the body-reading states), and a chunked body
+                 * announces no size with its headers. So a chunked body
+                 * over the cap is drained, never stored, to its end and
+                 * then answered 413 (Connection: close). Draining is
+                 * bounded in time, not bytes: by the whole-request
+                 * deadline and MHD's idle timeout, after which the
+                 * connection is closed without an answer; returning MHD_NO
+                 * earlier would also close it without one. */
                 q->discarded += *size;
                 *size = 0;
-                return q->discarded > NOTIFY_DISCARD_MAX ? MHD_NO : MHD_YES;
+                return MHD_YES;
         }
         if (q->len + *size > NOTIFY_BODY_MAX) {
                 q->too_large = true;
@@ -784,8 +943,7 @@ static void on_completed(void *cls, struct MHD_Connection *connection, void **co
         }
         /* Keep-alive: idle again, and its deadline restarts. */
         if (c && !c->evicted) {
-                c->busy = false;
-                c->since_usec = now_usec(s);
+                conn_set_idle(s, c);
                 conn_unlink(s, c);
                 conn_append(s, c);
         }
@@ -937,7 +1095,7 @@ static int start_mhd(NotifyServer *s, int listen_fd, bool tls) {
                 flags, 0, on_accept, s, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, s,
                 MHD_OPTION_LISTEN_SOCKET, listen_fd, MHD_OPTION_CONNECTION_LIMIT,
                 (unsigned) (NOTIFY_MAX_CONNECTIONS + NOTIFY_MHD_CONNECTION_SLACK),
-                MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned) NOTIFY_PER_PEER_CONNECTIONS,
+                MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned) NOTIFY_MHD_PER_PEER_BACKSTOP,
                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned) NOTIFY_IDLE_TIMEOUT_SEC,
                 MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t) NOTIFY_MEMORY_LIMIT,
                 MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
@@ -987,7 +1145,8 @@ int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb,
         s->cb = cb ? *cb : (NotifyCallbacks){};
         s->userdata = userdata;
         s->activated = r > 0;
-        s->notify_bucket = s->status_bucket = (TokenBucket){NOTIFY_RATE_BURST, now_usec(s)};
+        s->notify_bucket = s->status_bucket = bucket_new(s, NOTIFY_RATE_PER_SEC, NOTIFY_RATE_BURST);
+        s->auth_fail_bucket = bucket_new(s, NOTIFY_AUTH_FAIL_PER_SEC, NOTIFY_AUTH_FAIL_BURST);
 
         r = copy_settings(s, cfg);
         if (r < 0)
@@ -995,6 +1154,7 @@ int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb,
         tls = r = load_tls(s, cfg);
         if (r < 0)
                 goto fail;
+        s->tls = tls > 0;
         if (!s->activated) {
                 r = listen_socket_new(cfg, &fd);
                 if (r < 0)
@@ -1009,7 +1169,8 @@ int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb,
 
         r = sd_event_add_io(e, &s->io, epfd, EPOLLIN, on_io, s);
         if (r >= 0)
-                r = sd_event_add_time(e, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY, 0, on_timer, s);
+                r = sd_event_add_time(e, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY,
+                                      NOTIFY_TIMER_ACCURACY_USEC, on_timer, s);
         if (r >= 0)
                 r = sd_event_source_set_priority(s->io, SD_EVENT_PRIORITY_IDLE - 10);
         if (r >= 0)

@@ -64,6 +64,10 @@ typedef struct NotifyRequest {
         const char *body;          /* not NUL-terminated; may be NULL when body_len is 0 */
         size_t body_len;
         bool body_too_large; /* the reader stopped after NOTIFY_BODY_MAX bytes */
+        /* Non-zero: failed authentications are over their rate limit, so a
+         * request that needs the token is answered 429 with this
+         * Retry-After (seconds) before the token is looked at. */
+        unsigned auth_retry_after;
 } NotifyRequest;
 
 typedef struct NotifyReply {
@@ -73,6 +77,7 @@ typedef struct NotifyReply {
          * 200 on status: the caller supplies the body (cb->status). */
         bool run_action;
         const char *allow;                /* the Allow header of a 405 */
+        unsigned retry_after;             /* the Retry-After header of a 429; 0: none */
         char *body;                       /* malloc'd compact JSON, NULL when the caller supplies it */
         char summary[NOTIFY_SUMMARY_MAX]; /* what a valid notify said, safe to log */
         char reason[NOTIFY_ERROR_MAX];    /* why it was refused, safe to log */
@@ -84,3 +89,8 @@ void notify_reply_done(NotifyReply *r);
 /* True when header is "Bearer <token>" (scheme case-insensitive); the token
  * comparison takes the same time wherever the first difference is. */
 bool notify_auth_ok(const char *header, const char *token);
+
+/* Test seam, defined only by tests/tools/notify_drive (a weak symbol, NULL
+ * in the daemon): maps the fd MHD reports for a new connection, so that a
+ * test can make it unknown (-1). */
+int notify_test_connection_fd(int fd) __attribute__((weak));

@@ -115,7 +115,7 @@ def write_config(tmp_path, listen, allow=None, tls=None):
     return path
 
 
-def _start_server(tmp_path, host="127.0.0.1", allow=None, tls=None, activation_socket=None):
+def _start_server(tmp_path, host="127.0.0.1", allow=None, tls=None, activation_socket=None, env_extra=None):
     """The one place that knows which program serves the listener."""
     if not os.access(DRIVER, os.X_OK):
         pytest.skip(f"{DRIVER} not built")
@@ -125,6 +125,7 @@ def _start_server(tmp_path, host="127.0.0.1", allow=None, tls=None, activation_s
     config = write_config(tmp_path, listen, allow, tls)
     stderr_path = tmp_path / "server.stderr"
     env = dict(os.environ)
+    env.update(env_extra or {})
     argv = [DRIVER, str(config)]
     preexec = None
     if activation_socket is not None:
@@ -230,8 +231,10 @@ def test_missing_or_wrong_token(server, method, path, token):
 
 
 def test_rejections_logged_with_peer_and_limited(server):
-    for _ in range(60):
-        assert server.request("POST", "/v1/notify", token="guess-zzz")[0] == 401
+    # Past the failure bucket's burst the answer is 429 (see
+    # test_auth_failures_rate_limited); both are logged, rate-limited.
+    statuses = [server.request("POST", "/v1/notify", token="guess-zzz")[0] for _ in range(60)]
+    assert set(statuses) <= {401, 429} and statuses.count(401) >= 10, statuses
     time.sleep(0.2)
     err = server.stderr()
     rejected = [l for l in err.splitlines() if "3df29a54da1c49828e32990bcbad1b87" in l]
@@ -239,6 +242,55 @@ def test_rejections_logged_with_peer_and_limited(server):
     assert "DSM_PEER=127.0.0.1" in rejected[0]
     # Neither the real token nor the guess is logged.
     assert TOKEN not in err and "guess-zzz" not in err and "Bearer" not in err
+
+
+def test_auth_failures_rate_limited(server):
+    """Failed authentications have a bucket of their own (5/s, burst 10):
+    once it is empty, a request that needs the token is answered 429 with
+    Retry-After before the token is looked at, so guessing is slow. The
+    bucket is global and checked before the comparison, so right after a
+    flood of guesses the right token gets 429 too (anything else would
+    tell a guesser it guessed right); it succeeds once Retry-After has
+    passed, and the guesses never spend the notify bucket."""
+    answers = []
+    c = server.connection()
+    try:
+        for _ in range(50):
+            c.request("POST", "/v1/notify", body="{}", headers={"Authorization": "Bearer wrong-guess"})
+            r = c.getresponse()
+            body = r.read()
+            answers.append((r.status, r.getheader("Retry-After"), body))
+    finally:
+        c.close()
+    statuses = [a[0] for a in answers]
+    assert set(statuses) == {401, 429}, statuses
+    assert 10 <= statuses.count(401) <= 14, statuses
+    assert statuses[:10] == [401] * 10
+    limited = [a for a in answers if a[0] == 429]
+    assert all(ra and ra.isdigit() and int(ra) >= 1 for _, ra, _ in limited), limited
+    assert all("error" in body_json(b) for _, _, b in limited)
+    assert not server.wait_line("notify ", timeout=0.05)
+    # Over the limit the token is not compared: the right one waits too...
+    status, headers, _ = server.request("POST", "/v1/notify", {"reason": "right after"})
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    # ... and /healthz needs no token, so it is not limited.
+    assert server.request("GET", "/healthz", token=None)[0] == 200
+    time.sleep(int(headers["Retry-After"]) + 0.1)
+    # The right token now succeeds, on the notify bucket's own full burst
+    # (the 50 guesses spent none of it), and spends nothing of the failure
+    # bucket: a wrong token afterwards is a plain 401 again.
+    statuses = []
+    c = server.connection()
+    try:
+        for _ in range(30):
+            c.request("POST", "/v1/notify", body="{}", headers={"Authorization": f"Bearer {TOKEN}"})
+            r = c.getresponse()
+            r.read()
+            statuses.append(r.status)
+    finally:
+        c.close()
+    assert statuses == [202] * 30, statuses
+    assert server.request("GET", "/v1/status", token="wrong-again")[0] == 401
 
 
 def test_unknown_path_and_wrong_method(server):
@@ -254,8 +306,9 @@ def test_unknown_path_and_wrong_method(server):
 
 
 def test_body_too_large_content_length(server):
-    status, _, data = server.request("POST", "/v1/notify", "x" * 4097)
+    status, headers, data = server.request("POST", "/v1/notify", "x" * 4097)
     assert status == 413 and "4096" in body_json(data)["error"]
+    assert headers.get("Connection", "").lower() == "close"
     body = json.dumps({"reason": "r" * (4096 - 14)})
     assert len(body) == 4096
     assert server.request("POST", "/v1/notify", body)[0] == 202
@@ -282,16 +335,44 @@ def raw_request(server, raw, source=None, timeout=5.0):
         return data
 
 
-def test_body_too_large_chunked(server):
-    chunks = b"".join(b"%x\r\n%s\r\n" % (1000, b"a" * 1000) for _ in range(6)) + b"0\r\n\r\n"
-    raw = (b"POST /v1/notify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
-           b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
-    data = raw_request(server, raw)
+def chunked_request(n_chunks, size, end=True):
+    chunks = b"".join(b"%x\r\n%s\r\n" % (size, b"a" * size) for _ in range(n_chunks))
+    return (b"POST /v1/notify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
+            b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + (b"0\r\n\r\n" if end else b""))
+
+
+def assert_413_close(data):
     assert data.startswith(b"HTTP/1.1 413"), data[:200]
-    # A chunked body that never ends is never stored: the connection closes.
-    endless = raw.replace(b"0\r\n\r\n", b"") + b"".join(b"%x\r\n%s\r\n" % (4096, b"a" * 4096) for _ in range(40))
-    data = raw_request(server, endless)
-    assert data == b"" or data.startswith(b"HTTP/1.1 413")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"\r\nconnection: close" in head.lower(), head
+    assert b"4096" in body
+
+
+def test_body_too_large_chunked(server):
+    assert_413_close(raw_request(server, chunked_request(6, 1000)))
+    # However large the chunked body, it is drained (never stored) and
+    # answered 413 once it ends, not closed unanswered: 1 MiB here.
+    assert_413_close(raw_request(server, chunked_request(256, 4096), timeout=10))
+    assert server.request("GET", "/healthz", token=None)[0] == 200
+
+
+def test_body_too_large_chunked_never_ending(server):
+    # A chunked body that never ends is never stored, and the connection is
+    # closed (MHD's idle timeout, 5 s) without an answer.
+    with socket.create_connection((server.host, server.port), timeout=10) as s:
+        s.sendall(chunked_request(40, 4096, end=False))
+        t0 = time.monotonic()
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        assert data == b"", data[:200]
+        assert time.monotonic() - t0 < 8
     assert server.request("GET", "/healthz", token=None)[0] == 200
 
 
@@ -420,6 +501,110 @@ def test_per_peer_connection_limit(server):
     finally:
         for x in socks:
             x.close()
+
+
+def open_idle(server, source, n):
+    return [socket.create_connection((server.host, server.port), timeout=2, source_address=(source, 0))
+            for _ in range(n)]
+
+
+def test_idle_connections_do_not_lock_out_a_peer(server):
+    socks = open_idle(server, "127.0.0.30", 8)
+    try:
+        time.sleep(0.3)
+        # The 9th connection from the same peer evicts the oldest idle one
+        # (MHD's per-address limit is only a backstop above ours).
+        ninth = server.connection(source="127.0.0.30")
+        ninth.request("POST", "/v1/notify", body='{"reason": "ninth"}',
+                      headers={"Authorization": f"Bearer {TOKEN}"})
+        r = ninth.getresponse()
+        assert r.status == 202 and body_json(r.read()) == {"status": "accepted"}
+        assert server.wait_line('notify 127.0.0.30 reason="ninth"')
+        time.sleep(0.2)
+        assert [is_closed(x) for x in socks] == [True] + [False] * 7
+        # The ninth stays open (keep-alive); the 10th evicts the next oldest
+        # idle connection: socks[1], not the ninth, idle only since its answer.
+        assert server.request("GET", "/healthz", token=None, source="127.0.0.30")[0] == 200
+        time.sleep(0.2)
+        assert [is_closed(x) for x in socks] == [True, True] + [False] * 6
+        ninth.request("GET", "/healthz")
+        assert ninth.getresponse().status == 200
+        ninth.close()
+    finally:
+        for x in socks:
+            x.close()
+
+
+def test_idle_tls_connections_do_not_lock_out_a_peer(notify_server, tmp_path):
+    # Over TLS, handshake bytes hide whether a request has begun: a
+    # connection counts as idle once quiet for 1 s.
+    s = notify_server(tls=make_test_ca(tmp_path))
+    socks = open_idle(s, "127.0.0.33", 8)
+    try:
+        time.sleep(1.2)
+        assert s.request("GET", "/healthz", token=None, source="127.0.0.33")[0] == 200
+        time.sleep(0.2)
+        assert [is_closed(x) for x in socks] == [True] + [False] * 7
+    finally:
+        for x in socks:
+            x.close()
+
+
+def test_per_peer_limit_refuses_when_all_mid_request(server):
+    socks = open_idle(server, "127.0.0.31", 8)
+    try:
+        # All eight are inside a request (headers still arriving slowly).
+        for x in socks:
+            x.sendall(b"POST /v1/notify HTTP/1.1\r\nHo")
+        time.sleep(0.3)
+        try:
+            data = raw_request(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", source="127.0.0.31")
+        except (BrokenPipeError, ConnectionResetError):
+            data = b""
+        assert data == b""
+        time.sleep(0.2)
+        assert not any(is_closed(x) for x in socks)
+        err = server.stderr()
+        refused = [l for l in err.splitlines() if "per-peer connection limit reached" in l]
+        assert refused and "DSM_PEER=127.0.0.31" in refused[0], err[-2000:]
+        # Another peer is not affected.
+        assert server.request("GET", "/healthz", token=None, source="127.0.0.32")[0] == 200
+        # One request completes; its connection stays open, between
+        # requests (keep-alive), and is the one a new connection evicts.
+        socks[3].sendall(b"st: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 2\r\n\r\n{}")
+        socks[3].settimeout(5)
+        answer = socks[3].recv(65536)
+        assert answer.startswith(b"HTTP/1.1 202"), answer[:200]
+        time.sleep(0.1)
+        assert server.request("GET", "/healthz", token=None, source="127.0.0.31")[0] == 200
+        time.sleep(0.2)
+        assert [is_closed(x) for x in socks] == [False] * 3 + [True] + [False] * 4
+    finally:
+        for x in socks:
+            x.close()
+
+
+def test_connection_without_fd_is_never_counted_as_evicted(notify_server):
+    # The listener is told no fd for any connection: it cannot evict one,
+    # so at the total limit (64) new connections are refused, not
+    # accepted on the pretence that an old one was closed.
+    s = notify_server(env_extra={"NOTIFY_DRIVE_HIDE_FD": "1"})
+    socks = []
+    try:
+        for a in range(40, 48):
+            socks += open_idle(s, f"127.0.0.{a}", 8)
+        time.sleep(0.3)
+        extra = open_idle(s, "127.0.0.48", 8)
+        socks += extra
+        time.sleep(0.5)
+        closed = [is_closed(x) for x in socks]
+        assert closed == [False] * 64 + [True] * 8, closed
+        assert "connection limit reached" in s.stderr()
+    finally:
+        for x in socks:
+            x.close()
+    time.sleep(0.3)
+    assert s.request("GET", "/healthz", token=None)[0] == 200
 
 
 def test_slow_clients_dropped(server):

@@ -278,6 +278,33 @@ def test_missing_or_wrong_token(quiet, token):
     assert "Bearer" not in log
 
 
+def test_guessing_the_token_is_rate_limited(quiet):
+    """Failed authentications have their own bucket (5/s, burst 10): past
+    it, 429 with Retry-After before the token is compared; nothing is
+    polled, and once Retry-After has passed the right token works."""
+    d, sim = quiet
+    before = sim_requests(sim)
+    mark = d.log_mark()
+    answers = [d.http("POST", "/v1/notify", body={"reason": "guess"}, token="guess-%d" % i)
+               for i in range(30)]
+    statuses = [a[0] for a in answers]
+    assert statuses[:10] == [401] * 10 and 429 in statuses and set(statuses) == {401, 429}, statuses
+    retry = [int(h["Retry-After"]) for st, h, _ in answers if st == 429]
+    assert retry and min(retry) >= 1
+    # Logged with the peer, rate-limited (10 lines per window), no guess.
+    m = d.wait_for_log(MID_REJECTED, timeout=5, start=mark)
+    assert "DSM_PEER=127.0.0.1" in m.string, m.string
+    assert len([l for l in d.log_lines()[mark:] if MID_REJECTED in l]) <= 12
+    assert sim_requests(sim) == before
+    time.sleep(max(retry) + 0.1)
+    c0 = counters(d)
+    status, _, doc = d.http("POST", "/v1/notify", body={"reason": "after the guesses"})
+    assert status == 202, doc
+    wait_counter(d, "notifies", c0["notifies"] + 1)
+    util.wait_until(lambda: sim_requests(sim) != before, 5, interval=0.05, what="the notify's poll round")
+    assert "guess-" not in d.log_text()
+
+
 # ---- a flood ---------------------------------------------------------------
 
 FLOOD = r"""

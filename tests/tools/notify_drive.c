@@ -2,9 +2,15 @@
  * sd-event loop, for tests of the listener before (and without) the whole
  * daemon. Prints "ready" once listening, "notify <peer> <summary>" for each
  * accepted notify (flushed), answers /v1/status with a small fixed
- * document, and exits 0 on SIGTERM or SIGINT. */
+ * document, and exits 0 on SIGTERM or SIGINT.
+ *
+ * With NOTIFY_DRIVE_HIDE_FD=1 in the environment, the listener is told no
+ * fd for any connection (the notify_test_connection_fd seam), as if MHD
+ * had not reported one. */
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <systemd/sd-event.h>
 
 #include "config.h"
@@ -12,6 +18,11 @@
 #include "notify.h"
 
 static unsigned long n_notifies;
+static bool hide_fd;
+
+int notify_test_connection_fd(int fd) {
+        return hide_fd ? -1 : fd;
+}
 
 static void on_notify(NotifyServer *s, const char *peer, const char *summary, void *userdata) {
         n_notifies++;
@@ -43,6 +54,7 @@ int main(int argc, char **argv) {
                 return 78;
         }
         log_setup(LOG_TARGET_STDERR, cfg->log_level);
+        hide_fd = streq_ptr(getenv("NOTIFY_DRIVE_HIDE_FD"), "1");
         signal(SIGPIPE, SIG_IGN);
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);
