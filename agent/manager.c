@@ -517,7 +517,7 @@ static void manager_start_update(Manager *m, const AgentUpdate *offer) {
 
         if (m->once || phase == UPDATER_DOWNLOADING || phase == UPDATER_APPLYING)
                 return;
-        r = updater_start(m->updater, offer);
+        r = updater_start(m->updater, offer, m->state.committed.primary.api_url);
         /* A refused offer is refused again every round: say it once per version. */
         if (r < 0 && r != -EAGAIN && r != -EBUSY && strcmp(m->refused_update_version, offer->version) != 0) {
                 log_struct(LOG_WARNING, r, MID_UPDATE_FAILED,

@@ -8,7 +8,16 @@
  * ".dl-<version>.XXXXXX" file in download_dir while their sha256 is
  * computed; only a file of exactly the offered size and hash is renamed to
  * "dsm-agent-<version>.pkg" and handed to the update command. Anything else
- * is unlinked, so a partial or forged package never reaches the command. */
+ * is unlinked, so a partial or forged package never reaches the command.
+ *
+ * The provider token goes only to the Provider's own origin (scheme, host
+ * and port of the trusted api_url the caller names); a plain http:// offer
+ * is refused unless that api_url is http:// too. A verified package whose
+ * command failed is kept and, after its size and sha256 are checked again
+ * (hashed in slices from an idle event source, so a large file never blocks
+ * the loop), reused by the retry; packages of other versions are removed
+ * when an attempt starts, so download_dir holds at most one package and
+ * one temporary file. */
 #include <curl/curl.h>
 #include <dirent.h>
 #include <fcntl.h>
@@ -33,11 +42,13 @@
 #define BACKOFF_FIRST_USEC (60 * USEC_PER_SEC)
 #define BACKOFF_MAX_USEC   (3600 * USEC_PER_SEC)
 #define VERSION_FILE_MAX   4096
+#define VERIFY_CHUNK       (1024 * 1024) /* bytes hashed per event loop iteration */
 
 typedef struct Download {
         Updater *u;
         CURLM *multi;
         CURL *easy;
+        CURLU *url; /* the offer's URL as parsed for the origin check */
         struct curl_slist *headers;
         sd_event_source *timer;
         sd_event_source **ios; /* one per socket curl asked us to watch */
@@ -51,6 +62,16 @@ typedef struct Download {
         char tmp_path[PATH_MAX];
         char errbuf[CURL_ERROR_SIZE];
 } Download;
+
+/* Re-hashing a package kept from an earlier attempt of the same version. */
+typedef struct Verify {
+        Updater *u;
+        sd_event_source *src; /* idle-priority defer source: one slice per dispatch */
+        EVP_MD_CTX *md;
+        int fd;
+        uint64_t hashed;
+        unsigned char *buf;
+} Verify;
 
 struct Updater {
         sd_event *event;
@@ -69,6 +90,9 @@ struct Updater {
         usec_t low_speed_time, total_timeout;
 
         Download *dl;
+        Verify *verify;
+        CURLU *offer_url; /* parsed at start; handed to the Download */
+        bool send_token;  /* the offer URL is the trusted api_url's origin */
         Runner *runner;
         char **argv; /* the command in flight, owned copies */
 };
@@ -78,6 +102,11 @@ static uint64_t now_realtime(void) {
 
         clock_gettime(CLOCK_REALTIME, &ts);
         return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
+}
+
+static CURLU *curl_url_cleanup_p(CURLU *h) {
+        curl_url_cleanup(h);
+        return NULL;
 }
 
 static void argv_free(char **argv) {
@@ -108,6 +137,102 @@ static int offer_check(const AgentUpdate *o) {
         if (!o->present || !version_safe_for_path(o->version) || !sha256_hex_valid(o->sha256) ||
             o->size == 0 || !provider_url_valid(o->url))
                 return -EINVAL;
+        return 0;
+}
+
+/* ---- the Provider's origin ---- */
+
+typedef struct Origin {
+        char *scheme, *host, *port; /* curl_free()d */
+        unsigned long port_number;
+        bool userinfo; /* user, password or login options present */
+        bool zone;     /* an IPv6 zone id */
+} Origin;
+
+static void origin_done(Origin *o) {
+        curl_free(o->scheme);
+        curl_free(o->host);
+        curl_free(o->port);
+        *o = (Origin){0};
+}
+
+static bool url_part_present(CURLU *h, CURLUPart what) {
+        char *v = NULL;
+        bool present = curl_url_get(h, what, &v, 0) == CURLUE_OK;
+
+        curl_free(v);
+        return present;
+}
+
+/* Parses url with libcurl's own URL parser: the one that, for the offer,
+ * also makes the request (the same handle goes to CURLOPT_CURLU), so the
+ * origin check and the connection can never disagree about the host. */
+static CURLU *url_parse(const char *url) {
+        CURLU *h;
+
+        if (!url || !*url)
+                return NULL;
+        h = curl_url();
+        if (h && curl_url_set(h, CURLUPART_URL, url, 0) != CURLUE_OK) {
+                curl_url_cleanup(h);
+                h = NULL;
+        }
+        return h;
+}
+
+/* Scheme (http or https only), host and port (80/443 when not given). */
+static int origin_of(CURLU *h, Origin *o) {
+        char *end;
+
+        *o = (Origin){0};
+        if (curl_url_get(h, CURLUPART_SCHEME, &o->scheme, 0) != CURLUE_OK ||
+            curl_url_get(h, CURLUPART_HOST, &o->host, 0) != CURLUE_OK ||
+            curl_url_get(h, CURLUPART_PORT, &o->port, CURLU_DEFAULT_PORT) != CURLUE_OK ||
+            (strcasecmp(o->scheme, "http") != 0 && strcasecmp(o->scheme, "https") != 0) || !*o->host) {
+                origin_done(o);
+                return -EINVAL;
+        }
+        errno = 0;
+        o->port_number = strtoul(o->port, &end, 10);
+        if (errno || *end || o->port_number > 65535) {
+                origin_done(o);
+                return -EINVAL;
+        }
+        o->userinfo = url_part_present(h, CURLUPART_USER) || url_part_present(h, CURLUPART_PASSWORD) ||
+                      url_part_present(h, CURLUPART_OPTIONS);
+        o->zone = url_part_present(h, CURLUPART_ZONEID);
+        return 0;
+}
+
+/* Parses the offer URL into u->offer_url and decides whether the token may
+ * go with it: only to the trusted api_url's scheme, host and port, and
+ * never along with credentials of the URL's own. A plain http:// offer is
+ * refused unless the trusted api_url is http:// itself (then the token
+ * travels in clear anyway). Returns 0, or -1 with the reason. */
+static int offer_origin(Updater *u, const char *trusted_api_url, char *reason, size_t size) {
+        _cleanup_(origin_done) Origin offer = {0}, trusted = {0};
+        CURLU *t;
+        bool trusted_ok;
+
+        u->send_token = false;
+        u->offer_url = url_parse(u->offer.url);
+        if (!u->offer_url || origin_of(u->offer_url, &offer) < 0) {
+                snprintf(reason, size, "download_failed: invalid url");
+                return -1;
+        }
+        t = url_parse(trusted_api_url);
+        trusted_ok = t && origin_of(t, &trusted) == 0;
+        curl_url_cleanup(t);
+
+        if (strcasecmp(offer.scheme, "http") == 0 &&
+            (!trusted_ok || strcasecmp(trusted.scheme, "http") != 0)) {
+                snprintf(reason, size, "download_failed: insecure url");
+                return -1;
+        }
+        u->send_token = trusted_ok && !offer.userinfo && !offer.zone && !trusted.zone &&
+                        strcasecmp(offer.scheme, trusted.scheme) == 0 &&
+                        strcasecmp(offer.host, trusted.host) == 0 &&
+                        offer.port_number == trusted.port_number;
         return 0;
 }
 
@@ -144,8 +269,21 @@ static void updater_fail(Updater *u, const char *fmt, ...) {
                 u->changed(u, u->userdata);
 }
 
-/* Packages of earlier versions are of no further use once a newer one is
- * installed; removing them keeps download_dir from growing forever. */
+/* The backoff is kept in CLOCK_REALTIME (it must survive a restart), so a
+ * clock stepped back, or a state file written with a wrong clock, could put
+ * the next attempt arbitrarily far away. No backoff is longer than 1 h:
+ * anything later than that from now is pulled in to now + 1 h. Returns
+ * whether the state changed. */
+static bool backoff_clamp(PersistentState *s, uint64_t now) {
+        if (s->retry_not_before_usec <= now || s->retry_not_before_usec - now <= BACKOFF_MAX_USEC)
+                return false;
+        s->retry_not_before_usec = now + BACKOFF_MAX_USEC;
+        return true;
+}
+
+/* Packages of other versions are of no further use: one applied earlier, or
+ * one whose version is no longer offered. Removing them whenever an attempt
+ * starts or succeeds keeps download_dir to at most one package. */
 static void remove_old_packages(const char *dir, const char *keep) {
         _cleanup_(closep) int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         DIR *d;
@@ -270,6 +408,7 @@ static Download *download_free(Download *d) {
         }
         if (d->multi)
                 curl_multi_cleanup(d->multi);
+        curl_url_cleanup(d->url);
         for (size_t i = 0; i < d->n_ios; i++)
                 sd_event_source_disable_unref(d->ios[i]);
         free(d->ios);
@@ -384,6 +523,18 @@ static int fsync_dir(const char *dir) {
         return 0;
 }
 
+/* The finished digest as 64 lowercase hex digits. */
+static int digest_hex(EVP_MD_CTX *md, char hex[static SHA256_HEX_LEN + 1]) {
+        unsigned char bin[EVP_MAX_MD_SIZE];
+        unsigned len = 0;
+
+        if (EVP_DigestFinal_ex(md, bin, &len) != 1 || len != SHA256_HEX_LEN / 2)
+                return -EIO;
+        for (unsigned i = 0; i < len; i++)
+                snprintf(hex + 2 * i, 3, "%02x", bin[i]);
+        return 0;
+}
+
 static int reasonf(char *buf, size_t size, const char *fmt, ...) _printf_(3, 4);
 static int reasonf(char *buf, size_t size, const char *fmt, ...) {
         va_list ap;
@@ -398,9 +549,7 @@ static int reasonf(char *buf, size_t size, const char *fmt, ...) {
  * file is in place at u->pkg_path and 0 is returned; otherwise reason says
  * why and -1 is returned (the temporary file goes with download_free). */
 static int download_finish(Updater *u, Download *d, CURLcode res, char *reason, size_t size) {
-        unsigned char md[EVP_MAX_MD_SIZE];
-        char hex[2 * EVP_MAX_MD_SIZE + 1];
-        unsigned md_len = 0;
+        char hex[SHA256_HEX_LEN + 1];
         long http = 0;
 
         (void) curl_easy_getinfo(d->easy, CURLINFO_RESPONSE_CODE, &http);
@@ -416,10 +565,8 @@ static int download_finish(Updater *u, Download *d, CURLcode res, char *reason, 
         if (d->received != d->limit)
                 return reasonf(reason, size, "size_mismatch");
 
-        if (EVP_DigestFinal_ex(d->md, md, &md_len) != 1 || md_len != SHA256_HEX_LEN / 2)
+        if (digest_hex(d->md, hex) < 0)
                 return reasonf(reason, size, "download_failed: sha256 unavailable");
-        for (unsigned i = 0; i < md_len; i++)
-                snprintf(hex + 2 * i, 3, "%02x", md[i]);
         if (strcmp(hex, u->offer.sha256) != 0)
                 return reasonf(reason, size, "sha256_mismatch");
 
@@ -481,7 +628,7 @@ static int download_setup_easy(Updater *u, Download *d) {
         const Config *cfg = u->cfg;
         long low_time = (long) ((u->low_speed_time + USEC_PER_SEC - 1) / USEC_PER_SEC);
 
-        if (cfg->provider_token) {
+        if (cfg->provider_token && u->send_token) {
                 _cleanup_(freep) char *auth = NULL;
                 int n = asprintf(&auth, "Authorization: Bearer %s", cfg->provider_token);
 
@@ -492,7 +639,7 @@ static int download_setup_easy(Updater *u, Download *d) {
                 if (!d->headers)
                         return -ENOMEM;
         }
-        if (curl_easy_setopt(d->easy, CURLOPT_URL, u->offer.url) != CURLE_OK ||
+        if (curl_easy_setopt(d->easy, CURLOPT_CURLU, d->url) != CURLE_OK ||
             curl_easy_setopt(d->easy, CURLOPT_PROTOCOLS_STR, "http,https") != CURLE_OK ||
             curl_easy_setopt(d->easy, CURLOPT_HTTPHEADER, d->headers) != CURLE_OK ||
             curl_easy_setopt(d->easy, CURLOPT_WRITEFUNCTION, on_curl_write) != CURLE_OK ||
@@ -525,7 +672,8 @@ static int download_new(Updater *u, Download **ret) {
         d = calloc(1, sizeof(*d));
         if (!d)
                 return -ENOMEM;
-        *d = (Download){.u = u, .fd = -1, .limit = u->offer.size};
+        *d = (Download){.u = u, .fd = -1, .limit = u->offer.size, .url = u->offer_url};
+        u->offer_url = NULL; /* owned by d now */
 
         if (mkdir(u->dir, 0700) < 0 && errno != EEXIST) {
                 r = negative_errno();
@@ -573,6 +721,123 @@ fail:
         return r;
 }
 
+static void updater_download(Updater *u) {
+        int r;
+
+        r = download_new(u, &u->dl);
+        u->offer_url = curl_url_cleanup_p(u->offer_url); /* download_new took it unless it failed early */
+        if (r < 0) {
+                /* Counts as a failed attempt, so it backs off like one. */
+                updater_fail(u, "download_failed: %s", strerror(-r));
+                return;
+        }
+        u->phase = UPDATER_DOWNLOADING;
+        log_info("Downloading Agent update %s (%llu bytes) %s", u->offer.version,
+                 (unsigned long long) u->offer.size,
+                 !u->send_token           ? "without the provider token (not the Provider's api_url origin)"
+                 : u->cfg->provider_token ? "with the provider token"
+                                          : "(no provider token configured)");
+}
+
+/* ---- reusing a package kept from an earlier attempt ---- */
+
+static Verify *verify_free(Verify *v) {
+        if (!v)
+                return NULL;
+        sd_event_source_disable_unref(v->src);
+        EVP_MD_CTX_free(v->md);
+        if (v->fd >= 0)
+                close(v->fd);
+        free(v->buf);
+        free(v);
+        return NULL;
+}
+
+static void verify_end(Updater *u, bool ok) {
+        u->verify = verify_free(u->verify);
+        if (ok) {
+                u->offer_url = curl_url_cleanup_p(u->offer_url);
+                log_info("Reusing the verified package %s", u->pkg_path);
+                updater_apply(u);
+                return;
+        }
+        log_warning("Kept package %s no longer matches the offered size and sha256, downloading it again",
+                    u->pkg_path);
+        if (unlink(u->pkg_path) < 0 && errno != ENOENT)
+                log_warning_errno(negative_errno(), "Cannot remove %s", u->pkg_path);
+        updater_download(u);
+}
+
+/* One slice of the file per dispatch, at idle priority: hashing a large
+ * package never holds up the poll rounds, the watchdog or the notify
+ * socket. */
+static int on_verify(sd_event_source *s, void *userdata) {
+        Verify *v = userdata;
+        Updater *u = v->u;
+        char hex[SHA256_HEX_LEN + 1];
+        ssize_t n;
+
+        n = read(v->fd, v->buf, VERIFY_CHUNK);
+        if (n < 0 && errno == EINTR)
+                return 0;
+        if (n > 0) {
+                v->hashed += (uint64_t) n;
+                if (v->hashed > u->offer.size || EVP_DigestUpdate(v->md, v->buf, (size_t) n) != 1)
+                        verify_end(u, false);
+                return 0;
+        }
+        if (n < 0)
+                log_warning_errno(negative_errno(), "Cannot read %s", u->pkg_path);
+        verify_end(u, n == 0 && v->hashed == u->offer.size && digest_hex(v->md, hex) == 0 &&
+                              strcmp(hex, u->offer.sha256) == 0);
+        return 0;
+}
+
+/* A package of this version from an earlier attempt (the command failed,
+ * or the daemon stopped before it finished) is used again if its size and
+ * sha256 still match. Returns 1 when its check has started, 0 when there is
+ * nothing to reuse (a file of the wrong size is removed), or a negative
+ * errno. */
+static int verify_start(Updater *u) {
+        _cleanup_(closep) int fd = -1;
+        struct stat st;
+        Verify *v;
+
+        /* O_NONBLOCK: a FIFO planted under that name must not hang us. */
+        fd = open(u->pkg_path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0) {
+                if (errno == ENOENT)
+                        return 0;
+                log_debug_errno(negative_errno(), "Cannot open kept package %s", u->pkg_path);
+                (void) unlink(u->pkg_path);
+                return 0;
+        }
+        if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || (uint64_t) st.st_size != u->offer.size) {
+                log_info("Kept package %s has the wrong size, downloading it again", u->pkg_path);
+                (void) unlink(u->pkg_path);
+                return 0;
+        }
+
+        v = calloc(1, sizeof(*v));
+        if (!v)
+                return -ENOMEM;
+        *v = (Verify){.u = u, .fd = -1};
+        u->verify = v;
+        v->md = EVP_MD_CTX_new();
+        v->buf = malloc(VERIFY_CHUNK);
+        if (!v->md || !v->buf || EVP_DigestInit_ex(v->md, EVP_sha256(), NULL) != 1 ||
+            sd_event_add_defer(u->event, &v->src, on_verify, v) < 0 ||
+            sd_event_source_set_priority(v->src, SD_EVENT_PRIORITY_IDLE) < 0 ||
+            sd_event_source_set_enabled(v->src, SD_EVENT_ON) < 0) {
+                u->verify = verify_free(v);
+                return -ENOMEM;
+        }
+        (void) sd_event_source_set_description(v->src, "updater-verify");
+        v->fd = fd;
+        fd = -1;
+        return 1;
+}
+
 /* ---- public ---- */
 
 int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_changed_t changed,
@@ -599,6 +864,9 @@ int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_
                 updater_free(u);
                 return r;
         }
+        /* A restored backoff is no longer than one from now either; the
+         * caller saves the state with its next change. */
+        (void) backoff_clamp(state, now_realtime());
         *ret = u;
         return 0;
 }
@@ -607,6 +875,8 @@ Updater *updater_free(Updater *u) {
         if (!u)
                 return NULL;
         u->dl = download_free(u->dl);
+        u->verify = verify_free(u->verify);
+        u->offer_url = curl_url_cleanup_p(u->offer_url);
         u->runner = runner_free(u->runner);
         argv_free(u->argv);
         sd_event_unref(u->event);
@@ -625,16 +895,29 @@ void updater_set_download_limits(Updater *u, uint64_t low_speed_bytes, usec_t lo
         u->total_timeout = total;
 }
 
-int updater_start(Updater *u, const AgentUpdate *offer) {
-        const PersistentState *s = u->state;
+int updater_start(Updater *u, const AgentUpdate *offer, const char *trusted_api_url) {
+        PersistentState *s = u->state;
+        char reason[GATE_REASON_MAX];
+        uint64_t now = now_realtime();
+        const char *base;
         int r;
 
-        if (u->phase == UPDATER_DOWNLOADING || u->phase == UPDATER_APPLYING || runner_busy(u->runner))
+        if (u->phase == UPDATER_DOWNLOADING || u->phase == UPDATER_APPLYING || u->dl || u->verify ||
+            runner_busy(u->runner))
                 return -EBUSY;
         if (offer_check(offer) < 0)
                 return -EINVAL;
-        if (streq_ptr(s->failed_version, offer->version) && now_realtime() < s->retry_not_before_usec)
-                return -EAGAIN;
+        if (streq_ptr(s->failed_version, offer->version)) {
+                if (backoff_clamp(s, now)) {
+                        log_info("Next attempt of the Agent update %s was more than 1 h away (clock "
+                                 "stepped back?), now at most 1 h",
+                                 offer->version);
+                        if (u->changed)
+                                u->changed(u, u->userdata);
+                }
+                if (now < s->retry_not_before_usec)
+                        return -EAGAIN;
+        }
 
         if (strscpy(u->dir, sizeof(u->dir), u->cfg->download_dir) < 0)
                 return -ENAMETOOLONG;
@@ -645,15 +928,35 @@ int updater_start(Updater *u, const AgentUpdate *offer) {
         u->offer = *offer;
         u->last_error[0] = 0;
 
-        r = download_new(u, &u->dl);
+        /* Refusals of this offer count as failed attempts, so they are
+         * shown and logged with their reason and back off like one. */
+        if (offer->size > UPDATER_PACKAGE_SIZE_MAX) {
+                updater_fail(u, "download_failed: size %llu exceeds the limit of %llu bytes",
+                             (unsigned long long) offer->size,
+                             (unsigned long long) UPDATER_PACKAGE_SIZE_MAX);
+                return 0;
+        }
+        if (offer_origin(u, trusted_api_url, reason, sizeof(reason)) < 0) {
+                u->offer_url = curl_url_cleanup_p(u->offer_url);
+                updater_fail(u, "%s", reason);
+                return 0;
+        }
+
+        base = strrchr(u->pkg_path, '/');
+        remove_old_packages(u->dir, base ? base + 1 : u->pkg_path);
+
+        r = verify_start(u);
+        if (r > 0) {
+                u->phase = UPDATER_DOWNLOADING;
+                log_info("Checking the kept package %s of Agent update %s", u->pkg_path, offer->version);
+                return 0;
+        }
         if (r < 0) {
-                /* Counts as a failed attempt, so it backs off like one. */
+                u->offer_url = curl_url_cleanup_p(u->offer_url);
                 updater_fail(u, "download_failed: %s", strerror(-r));
                 return 0;
         }
-        u->phase = UPDATER_DOWNLOADING;
-        log_info("Downloading Agent update %s (%llu bytes)", offer->version,
-                 (unsigned long long) offer->size);
+        updater_download(u);
         return 0;
 }
 

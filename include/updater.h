@@ -1,12 +1,13 @@
 /* The updater: downloads an offered Agent update through libcurl inside the
- * event loop (TLS verified, bearer token, at most `size` bytes, to a
- * temporary file under download_dir), checks size and sha256, renames it
- * into place, runs `command FILE VERSION` through a Runner, and records a
+ * event loop (TLS verified, bearer token to the Provider's own origin only,
+ * at most `size` bytes, to a temporary file under download_dir), checks size
+ * and sha256, renames it into place, runs `command FILE VERSION` through a Runner, and records a
  * success in the persistent state. Failures back off 1 min doubling to 1 h.
  * Never two at once. */
 #pragma once
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <systemd/sd-event.h>
 
 #include "config.h"
@@ -27,6 +28,7 @@ typedef enum UpdaterPhase {
  * must be saved, and when an update finished (applied or failed). */
 typedef void (*updater_changed_t)(Updater *u, void *userdata);
 
+/* state's backoff is pulled in to at most 1 h from now (see updater_start). */
 int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_changed_t changed,
                 void *userdata, Updater **ret);
 /* Stops a download (its temporary file removed) or a command (killed). */
@@ -39,12 +41,30 @@ int updater_reconfigure(Updater *u, const Config *cfg);
  * fails. Defaults: 1024 B/s for 60 s, 1 h in total. */
 void updater_set_download_limits(Updater *u, uint64_t low_speed_bytes, usec_t low_speed_time, usec_t total);
 
-/* Starts download+apply of offer. -EBUSY when busy; -EAGAIN while backing
- * off from a failure of the same version; -EINVAL for an offer that cannot
- * be downloaded safely (version not usable in a file name, bad sha256,
- * size 0). An attempt that fails at once (download_dir not writable) is
- * recorded like any failure: changed() runs before this returns 0. */
-int updater_start(Updater *u, const AgentUpdate *offer);
+/* The largest package accepted: a bigger offer is refused before any byte
+ * is downloaded ("download_failed: size N exceeds the limit of M bytes"). */
+#define UPDATER_PACKAGE_SIZE_MAX (UINT64_C(2) << 30) /* 2 GiB */
+
+/* Starts download+apply of offer. trusted_api_url is the api_url of the
+ * Provider the offer came from (the committed Primary's): the provider token
+ * is sent only when the offer URL has the same scheme, host and port
+ * (80/443 when not given) and no user name or password of its own. A plain
+ * http:// offer URL is refused ("download_failed: insecure url") unless
+ * trusted_api_url is http:// too; NULL or "" trusts no origin.
+ *
+ * -EBUSY when busy; -EAGAIN while backing off from a failure of the same
+ * version (a backoff more than 1 h away, after the clock stepped back, is
+ * first pulled in to 1 h from now and changed() runs); -EINVAL for an offer
+ * that cannot be downloaded safely (version not usable in a file name, bad
+ * sha256, size 0). An attempt that fails or is refused at once (download_dir
+ * not writable, insecure url, size over UPDATER_PACKAGE_SIZE_MAX) is recorded
+ * like any failure: changed() runs before this returns 0.
+ *
+ * Packages of other versions in download_dir are removed. A package of this
+ * version kept from an earlier attempt is hashed again (phase DOWNLOADING)
+ * and used when its size and sha256 still match; otherwise it is removed
+ * and downloaded again. */
+int updater_start(Updater *u, const AgentUpdate *offer, const char *trusted_api_url);
 UpdaterPhase updater_phase(const Updater *u);
 /* "sha256_mismatch", "command_failed: exit 3", ... for the status; "" none. */
 const char *updater_last_error(const Updater *u);

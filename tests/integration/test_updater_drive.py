@@ -6,11 +6,17 @@ Updater attempt in an sd-event loop). Checked: a good package reaches the
 command with FILE VERSION; a tampered, truncated, oversized, missing or too
 slow download fails with its reason and leaves nothing under download_dir;
 a failing command is reported with its exit code, signal or timeout; a
-SIGTERM during a download leaves no partial file.
+SIGTERM during a download leaves no partial file. The provider token goes
+only to the trusted api_url's origin, a plain http offer is refused when that
+api_url is https, an oversized offer is refused, a backoff stays within 1 h
+even when the stored time lies far ahead (clock stepped back), and a verified
+package is reused after a failed command while packages of other versions
+are removed.
 """
 
 import hashlib
 import http.server
+import json
 import os
 import signal
 import socket
@@ -25,6 +31,9 @@ DRIVE = os.path.join(BUILD, "tests", "updater_drive")
 TOKEN = "s3cret-provider-token"
 PKG = bytes(range(256)) * 800  # 204800 bytes
 PKG_SHA = hashlib.sha256(PKG).hexdigest()
+BIG = bytes((i * 7) & 0xFF for i in range(256)) * (12 * 1024 + 3)  # 3 MiB + 768: several hash slices
+BIG_SHA = hashlib.sha256(BIG).hexdigest()
+SIZE_MAX = 2 << 30  # UPDATER_PACKAGE_SIZE_MAX
 RUN_TIMEOUT = 30
 
 
@@ -73,6 +82,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         route = self.path.rsplit("/", 1)[-1]
         if route == "good":
             self._body(PKG, len(PKG))
+        elif route == "big":
+            self._body(BIG, len(BIG))
         elif route == "tampered":
             bad = bytearray(PKG)
             bad[1000] ^= 0xFF
@@ -100,7 +111,8 @@ def server():
     srv.stopping = threading.Event()
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/api/v1/agent/packages"
+    srv.port = srv.server_address[1]
+    srv.url = f"http://127.0.0.1:{srv.port}/api/v1/agent/packages"
     yield srv
     srv.stopping.set()
     srv.shutdown()
@@ -117,6 +129,7 @@ class Env:
         self.args = tmp_path / "args"
         self.cmd = tmp_path / "apply-update"
         self.ini = tmp_path / "agent-sync.ini"
+        self.state = tmp_path / "state.json"
         (tmp_path / "token").write_text(TOKEN + "\n")
         (tmp_path / "VERSION").write_text("  9.0.0 \nsecond line\n")
         (tmp_path / "expected.pkg").write_bytes(PKG)
@@ -150,14 +163,19 @@ class Env:
             f"state_file = {self.dir}/state.json\n"
         )
 
-    def argv(self, url, version="9.0.1", sha=PKG_SHA, size=len(PKG)):
-        return [DRIVE, str(self.ini), url, version, sha, str(size)]
+    def argv(self, url, version="9.0.1", sha=PKG_SHA, size=len(PKG), trusted=None):
+        """trusted: the Primary's api_url; None lets the drive use url itself."""
+        return [DRIVE, str(self.ini), url, version, sha, str(size)] + ([] if trusted is None else [trusted])
 
-    def run(self, url, version="9.0.1", sha=PKG_SHA, size=len(PKG), **extra_env):
+    def run(self, url, version="9.0.1", sha=PKG_SHA, size=len(PKG), trusted=None, **extra_env):
         environ = dict(os.environ)
         environ.update({k: str(v) for k, v in extra_env.items()})
         p = subprocess.run(
-            self.argv(url, version, sha, size), capture_output=True, text=True, timeout=RUN_TIMEOUT, env=environ
+            self.argv(url, version, sha, size, trusted),
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            env=environ,
         )
         out = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
         return p.returncode, out, p.stderr
@@ -326,3 +344,215 @@ def test_missing_version_file_reads_empty(env, server):
     rc, out, err = env.run(f"{server.url}/good")
     assert rc == 0, err
     assert out["installed"] == ""
+
+
+# ---- the provider token goes only to the Provider's own origin ----
+
+
+def bearer_sent(server):
+    return [auth for _, auth in server.requests if auth and TOKEN in auth]
+
+
+@pytest.mark.parametrize("trusted", ["http://127.0.0.1:{port}/", "HTTP://127.0.0.1:{port}/api/v1/state?x=1"])
+def test_token_sent_to_same_origin(env, server, trusted):
+    rc, out, err = env.run(f"{server.url}/good", trusted=trusted.format(port=server.port))
+    assert rc == 0, err
+    assert server.requests == [("/api/v1/agent/packages/good", f"Bearer {TOKEN}")]
+    assert "with the provider token" in err
+    assert TOKEN not in err
+
+
+@pytest.mark.parametrize(
+    "url,trusted",
+    [
+        ("http://127.0.0.1:{port}/p/good", "http://127.0.0.1:{other}/"),  # other port
+        ("http://127.0.0.1:{port}/p/good", "http://localhost:{port}/"),  # other host
+        ("http://127.0.0.1:{port}/p/good", "http://127.0.0.1:{port}@evil.example/"),  # its host is evil.example
+        ("http://u:p@127.0.0.1:{port}/p/good", "http://127.0.0.1:{port}/"),  # credentials of its own
+        ("http://127.0.0.1:{port}/p/good", ""),  # no trusted origin at all
+        ("http://127.0.0.1:{port}/p/good", "not a url"),
+    ],
+)
+def test_no_token_to_other_origin(env, server, url, trusted):
+    if trusted in ("", "not a url"):
+        # No trusted http origin: a plain http offer is refused outright.
+        rc, out, err = env.run(url.format(port=server.port), trusted=trusted)
+        assert rc == 1, err
+        assert out["reason"] == "download_failed: insecure url"
+        assert server.requests == []
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        other = s.getsockname()[1]
+    rc, out, err = env.run(url.format(port=server.port), trusted=trusted.format(port=server.port, other=other))
+    assert rc == 0, err  # the download itself goes ahead, only without the token
+    assert len(server.requests) == 1
+    assert bearer_sent(server) == []
+    assert "without the provider token" in err
+    assert TOKEN not in err
+
+
+@pytest.mark.parametrize(
+    "url,trusted,sent",
+    [
+        ("http://127.0.0.1:80/pkg", "http://127.0.0.1/", True),
+        ("http://127.0.0.1/pkg", "http://127.0.0.1:0080/", True),
+        ("https://127.0.0.1/pkg", "https://127.0.0.1:443/", True),
+        ("https://127.0.0.1/pkg", "https://127.0.0.1:8443/", False),
+        ("https://127.0.0.1:80/pkg", "http://127.0.0.1/", False),  # same port, other scheme
+    ],
+)
+def test_default_ports(env, url, trusted, sent):
+    """Only the decision is checked (its log line); nothing need listen there."""
+    rc, out, err = env.run(url, trusted=trusted, UPDATER_DRIVE_TIMEOUT_MS=20000)
+    assert out["result"] in ("applied", "failed"), err
+    assert ("with the provider token" in err) == sent
+    assert ("without the provider token" in err) == (not sent)
+
+
+@pytest.mark.parametrize("trusted", ["https://127.0.0.1:{port}/", "https://primary.example/"])
+def test_http_offer_refused_with_https_primary(env, server, trusted):
+    rc, out, err = env.run(f"{server.url}/good", trusted=trusted.format(port=server.port))
+    assert rc == 1, err
+    assert out["result"] == "failed"
+    assert out["reason"] == "download_failed: insecure url"
+    assert out["failures"] == "1"
+    assert out["retry_start"] == "EAGAIN"
+    assert server.requests == []
+    assert env.leftovers() == []
+    assert not env.args.exists()
+    assert "MESSAGE_ID=b3b8508b198c4f8b824068025961d91e" in err
+
+
+# ---- backoff ----
+
+
+def test_backoff_capped_at_one_hour(env, server):
+    """A retry time far ahead (the clock stepped back, or a bad state file)
+    is pulled in to at most 1 h from now, and saved that way."""
+    rc, out, err = env.run(f"{server.url}/missing", UPDATER_DRIVE_STATE=env.state)
+    assert rc == 1, err
+    assert 0 < int(out["retry_in_s"]) <= 60
+    state = json.loads(env.state.read_text())
+    assert state["update"]["failed_version"] == "9.0.1"
+
+    ten_years = 10 * 365 * 86400 * 10**6
+    state["update"]["retry_not_before_usec"] = int(time.time() * 1e6) + ten_years
+    env.state.write_text(json.dumps(state))
+    rc, out, err = env.run(f"{server.url}/good", UPDATER_DRIVE_STATE=env.state)
+    assert rc == 1, err
+    assert out["reason"] == "start: EAGAIN"  # still backing off, but not for ten years
+    assert 3500 < int(out["retry_in_s"]) <= 3600
+    state = json.loads(env.state.read_text())
+    assert state["update"]["retry_not_before_usec"] <= int(time.time() * 1e6) + 3600 * 10**6
+
+    # An hour later (the capped time moved back by an hour): retried.
+    state["update"]["retry_not_before_usec"] -= 3601 * 10**6
+    env.state.write_text(json.dumps(state))
+    rc, out, err = env.run(f"{server.url}/good", UPDATER_DRIVE_STATE=env.state)
+    assert rc == 0, err
+    assert out["result"] == "applied"
+    assert json.loads(env.state.read_text())["update"]["applied_version"] == "9.0.1"
+
+
+# ---- reusing a verified package, keeping download_dir small ----
+
+
+def test_package_reused_after_failed_command(env, server):
+    env.write_command("exit 3")
+    rc, out, err = env.run(f"{server.url}/good")
+    assert rc == 1, err
+    assert out["reason"] == "command_failed: exit 3"
+    assert env.leftovers() == ["dsm-agent-9.0.1.pkg"]  # kept for the retry
+
+    env.args.unlink()
+    env.write_command("exit 0")
+    rc, out, err = env.run(f"{server.url}/good")
+    assert rc == 0, err
+    assert len(server.requests) == 1  # not downloaded again
+    assert "Reusing the verified package" in err
+    assert env.args.read_text().splitlines()[1:] == [PKG_SHA, "same"]
+    assert env.leftovers() == ["dsm-agent-9.0.1.pkg"]
+
+
+def test_large_package_reused(env, server):
+    """More than one hash slice (1 MiB each)."""
+    (env.dir / "expected.pkg").write_bytes(BIG)
+    env.write_command("exit 3")
+    rc, out, err = env.run(f"{server.url}/big", sha=BIG_SHA, size=len(BIG))
+    assert rc == 1, err
+    env.write_command("exit 0")
+    rc, out, err = env.run(f"{server.url}/big", sha=BIG_SHA, size=len(BIG))
+    assert rc == 0, err
+    assert len(server.requests) == 1
+    assert env.args.read_text().splitlines()[2] == "same"
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        bytes(len(PKG)),  # the right size, the wrong bytes
+        PKG[:-1] + b"x",  # one byte off at the very end
+        PKG[:1000],  # short
+        PKG + b"x",  # long
+    ],
+    ids=["zeros", "last-byte", "short", "long"],
+)
+def test_changed_kept_package_downloaded_again(env, server, kept):
+    env.dl.mkdir()
+    (env.dl / "dsm-agent-9.0.1.pkg").write_bytes(kept)
+    rc, out, err = env.run(f"{server.url}/good")
+    assert rc == 0, err
+    assert len(server.requests) == 1
+    assert "Reusing" not in err
+    assert env.args.read_text().splitlines()[2] == "same"
+    assert (env.dl / "dsm-agent-9.0.1.pkg").read_bytes() == PKG
+
+
+def test_kept_package_symlink_not_followed(env, server, tmp_path):
+    """A symlink under the package's name is not hashed or used."""
+    env.dl.mkdir()
+    (env.dl / "dsm-agent-9.0.1.pkg").symlink_to(env.dir / "expected.pkg")
+    rc, out, err = env.run(f"{server.url}/good")
+    assert rc == 0, err
+    assert len(server.requests) == 1
+    assert not (env.dl / "dsm-agent-9.0.1.pkg").is_symlink()
+
+
+def test_packages_of_other_versions_removed_on_failure(env, server):
+    env.dl.mkdir()
+    (env.dl / "dsm-agent-9.0.0.pkg").write_bytes(b"applied earlier")
+    (env.dl / "dsm-agent-8.pkg").write_bytes(b"failed earlier")
+    (env.dl / "unrelated.txt").write_bytes(b"keep")
+    rc, out, err = env.run(f"{server.url}/missing")
+    assert rc == 1, err
+    assert env.leftovers() == ["unrelated.txt"]
+
+
+def test_failed_package_removed_when_another_version_is_offered(env, server):
+    env.write_command("exit 3")
+    rc, out, err = env.run(f"{server.url}/good", version="9.0.1")
+    assert rc == 1, err
+    assert env.leftovers() == ["dsm-agent-9.0.1.pkg"]
+    rc, out, err = env.run(f"{server.url}/good", version="9.0.2")
+    assert rc == 1, err
+    assert env.leftovers() == ["dsm-agent-9.0.2.pkg"]  # at most one package at any time
+
+
+# ---- size limit ----
+
+
+def test_oversized_offer_refused(env, server):
+    rc, out, err = env.run(f"{server.url}/good", size=SIZE_MAX + 1)
+    assert rc == 1, err
+    assert out["reason"] == f"download_failed: size {SIZE_MAX + 1} exceeds the limit of {SIZE_MAX} bytes"
+    assert out["retry_start"] == "EAGAIN"
+    assert server.requests == []
+    assert env.leftovers() == []
+
+
+def test_offer_at_size_limit_accepted(env, server):
+    rc, out, err = env.run(f"{server.url}/good", size=SIZE_MAX)
+    assert rc == 1, err
+    assert out["reason"] == "size_mismatch"  # it was downloaded (and found short)
+    assert len(server.requests) == 1

@@ -1,27 +1,35 @@
 /* Runs one Updater attempt in an sd-event loop, for the integration tests:
  *
- *   updater_drive CONFIG URL VERSION SHA256 SIZE
+ *   updater_drive CONFIG URL VERSION SHA256 SIZE [TRUSTED_API_URL]
  *
  * Loads CONFIG with config_load, sweeps download_dir, starts the update and
- * waits for it to end. Prints key=value lines on stdout:
+ * waits for it to end. TRUSTED_API_URL is what the manager passes as the
+ * committed Primary's api_url (the origin the provider token may go to);
+ * without it, URL itself (the same origin). Prints key=value lines on stdout:
  *   swept=N installed=V second_start=E result=applied|failed reason=R
- *   failures=N retry_start=E
+ *   failures=N retry_start=E retry_in_s=N (seconds until the next attempt
+ *   of the failed version may start, 0 when it may start now)
  * Exit status: 0 applied, 1 failed, 2 usage or config error, 3 the safety
  * timeout hit, 4 stopped by SIGTERM/SIGINT (the Updater is freed first, so
  * a download in flight must leave no file behind).
  *
  * Environment (milliseconds / bytes per second) for short test timeouts:
  * UPDATER_DRIVE_LOW_SPEED_BYTES, UPDATER_DRIVE_LOW_SPEED_MS,
- * UPDATER_DRIVE_TOTAL_MS, UPDATER_DRIVE_TIMEOUT_MS (safety, default 60000). */
+ * UPDATER_DRIVE_TOTAL_MS, UPDATER_DRIVE_TIMEOUT_MS (safety, default 60000).
+ * UPDATER_DRIVE_STATE=PATH: the persistent state (backoff, applied version)
+ * is loaded from PATH before the attempt (missing: empty) and saved back to
+ * it at the end, so a test can hand in a crafted backoff. */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "config.h"
 #include "log.h"
 #include "macro.h"
+#include "state.h"
 #include "updater.h"
 
 enum { EXIT_APPLIED = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_TIMEOUT = 3, EXIT_SIGNAL = 4 };
@@ -97,7 +105,33 @@ static int parse_offer(char **argv, AgentUpdate *o) {
         return errno || *end ? -EINVAL : 0;
 }
 
-static int run(Config *cfg, const AgentUpdate *offer) {
+static void print_retry_in(const PersistentState *s) {
+        struct timespec ts;
+        uint64_t now;
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        now = (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000;
+        printf("retry_in_s=%llu\n",
+               (unsigned long long) (s->retry_not_before_usec > now
+                                             ? (s->retry_not_before_usec - now) / USEC_PER_SEC
+                                             : 0));
+}
+
+static int state_io(PersistentState *state, bool save) {
+        const char *path = getenv("UPDATER_DRIVE_STATE");
+        char err[256];
+        int r;
+
+        if (!path || !*path)
+                return 0;
+        r = save ? state_save(path, state) : state_load(path, state, err, sizeof(err));
+        if (r < 0)
+                fprintf(stderr, "updater_drive: %s %s: %s\n", save ? "saving" : "loading", path,
+                        save ? strerror(-r) : err);
+        return r;
+}
+
+static int run(Config *cfg, const AgentUpdate *offer, const char *trusted) {
         PersistentState state = {0};
         Drive d = {.exit_code = EXIT_TIMEOUT};
         Updater *u = NULL;
@@ -126,6 +160,10 @@ static int run(Config *cfg, const AgentUpdate *offer) {
         r = updater_read_installed(cfg, installed, sizeof(installed));
         printf("installed=%s\n", r < 0 ? errno_name(r) : installed);
 
+        if (state_io(&state, false) < 0) {
+                sd_event_unref(d.event);
+                return EXIT_USAGE;
+        }
         r = updater_new(d.event, cfg, &state, on_changed, &d, &u);
         if (r < 0) {
                 fprintf(stderr, "updater_drive: updater_new: %s\n", strerror(-r));
@@ -136,14 +174,16 @@ static int run(Config *cfg, const AgentUpdate *offer) {
                                     env_u64("UPDATER_DRIVE_LOW_SPEED_MS", 60000) * USEC_PER_MSEC,
                                     env_u64("UPDATER_DRIVE_TOTAL_MS", 3600000) * USEC_PER_MSEC);
 
-        r = updater_start(u, offer);
+        r = updater_start(u, offer, trusted);
         if (r < 0) {
                 printf("result=failed\nreason=start: %s\n", errno_name(r));
+                print_retry_in(&state);
+                (void) state_io(&state, true);
                 updater_free(u);
                 sd_event_unref(d.event);
                 return EXIT_FAILED;
         }
-        printf("second_start=%s\n", errno_name(updater_start(u, offer)));
+        printf("second_start=%s\n", errno_name(updater_start(u, offer, trusted)));
         fflush(stdout);
 
         if (updater_phase(u) == UPDATER_FAILED)
@@ -156,7 +196,9 @@ static int run(Config *cfg, const AgentUpdate *offer) {
                        updater_last_error(u));
                 printf("applied_version=%s\nfailures=%u\n", state.applied_version, state.failures);
                 printf("retry_start=%s\n",
-                       errno_name(d.exit_code == EXIT_FAILED ? updater_start(u, offer) : 0));
+                       errno_name(d.exit_code == EXIT_FAILED ? updater_start(u, offer, trusted) : 0));
+                print_retry_in(&state);
+                (void) state_io(&state, true);
         } else
                 printf("result=%s\n", d.exit_code == EXIT_SIGNAL ? "stopped" : "timeout");
         fflush(stdout);
@@ -172,8 +214,8 @@ int main(int argc, char **argv) {
         AgentUpdate offer;
         int r;
 
-        if (argc != 6 || parse_offer(argv, &offer) < 0) {
-                fprintf(stderr, "usage: updater_drive CONFIG URL VERSION SHA256 SIZE\n");
+        if ((argc != 6 && argc != 7) || parse_offer(argv, &offer) < 0) {
+                fprintf(stderr, "usage: updater_drive CONFIG URL VERSION SHA256 SIZE [TRUSTED_API_URL]\n");
                 return EXIT_USAGE;
         }
         log_setup(LOG_TARGET_STDERR, LOG_DEBUG);
@@ -182,7 +224,7 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "%s\n", err);
                 return EXIT_USAGE;
         }
-        r = run(cfg, &offer);
+        r = run(cfg, &offer, argc == 7 ? argv[6] : argv[2]);
         config_free(cfg);
         return r;
 }
