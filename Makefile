@@ -15,7 +15,7 @@ PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
 CHECK_FUZZ_TIME ?= 10
 
-LIBS_PKG := librabbitmq libcurl jansson libsystemd inih libmicrohttpd libcrypto
+LIBS_PKG := librabbitmq libcurl jansson libsystemd inih libmicrohttpd libssl libcrypto
 CPPFLAGS += -Iinclude -D_GNU_SOURCE
 CFLAGS ?= -O2 -g
 CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wformat=2 \

@@ -14,6 +14,9 @@
  * destroys its own connection. */
 
 #include <errno.h>
+#include <openssl/x509v3.h>
+#include <openssl/ssl.h>
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -333,6 +336,30 @@ static int attempt_new(const BrokerParams *p, Attempt **ret) {
         return 0;
 }
 
+/* rabbitmq-c 0.11 checks only DNS names of the certificate, so a broker
+ * reported by address could never be reached over TLS. OpenSSL checks the
+ * name or the IP address during chain verification instead; a mismatch
+ * fails the peer verification rabbitmq-c enforces. */
+static int expect_peer_name(amqp_socket_t *sock, const char *host) {
+        SSL_CTX *ctx = amqp_ssl_socket_get_context(sock);
+        X509_VERIFY_PARAM *vp = ctx ? SSL_CTX_get0_param(ctx) : NULL;
+        unsigned char addr[sizeof(struct in6_addr)];
+        int ok;
+
+        if (!vp)
+                return -EINVAL;
+        if (inet_pton(AF_INET, host, addr) == 1 || inet_pton(AF_INET6, host, addr) == 1)
+                ok = X509_VERIFY_PARAM_set1_ip_asc(vp, host);
+        else {
+                X509_VERIFY_PARAM_set_hostflags(vp, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+                ok = X509_VERIFY_PARAM_set1_host(vp, host, 0);
+        }
+        if (ok != 1)
+                return -EINVAL;
+        amqp_ssl_socket_set_verify_hostname(sock, 0);
+        return 0;
+}
+
 static int setup_socket(Attempt *a, amqp_connection_state_t conn, char *err, size_t errlen) {
         const BrokerParams *p = &a->params;
         struct timeval tv = usec_to_timeval(CONNECT_TIMEOUT_USEC);
@@ -348,8 +375,12 @@ static int setup_socket(Attempt *a, amqp_connection_state_t conn, char *err, siz
                 const char *ca = p->ca_file ? p->ca_file : SYSTEM_CA_FILE;
 
                 amqp_ssl_socket_set_verify_peer(sock, 1);
-                amqp_ssl_socket_set_verify_hostname(sock, 1);
                 amqp_ssl_socket_set_ssl_versions(sock, AMQP_TLSv1_2, AMQP_TLSvLATEST);
+                r = expect_peer_name(sock, p->target.host);
+                if (r < 0) {
+                        snprintf(err, errlen, "TLS: cannot set the expected peer name");
+                        return r;
+                }
                 r = amqp_ssl_socket_set_cacert(sock, ca);
                 if (r != AMQP_STATUS_OK) {
                         snprintf(err, errlen, "CA file %s: %s", ca, amqp_error_string2(r));

@@ -12,6 +12,14 @@ system service is never touched.
     nodes[0].sigstop(); nodes[0].sigcont()   # unresponsive, TCP stays open
     nodes[0].restart()
     group.stop()                    # always; also registered for interpreter exit
+
+Optional TLS listener (in addition to the plain one, which stays):
+
+    tls_node, = group.start(1, tls=dict(cert="server.pem", key="server.key", ca="ca.pem"))
+    tls_node.tls_port               # AMQPS on 127.0.0.1 (no client certificate asked)
+
+The three PEM files are copied into the node's directory (readable by user
+rabbitmq); the node is ready once both listeners accept connections.
 """
 
 import os
@@ -77,12 +85,14 @@ class Epmd:
 
 
 class RabbitNode:
-    def __init__(self, group, index, workdir, epmd_port):
+    def __init__(self, group, index, workdir, epmd_port, tls=None):
         self.group = group
         self.index = index
-        self.name = "dsmtest%d_%d@localhost" % (index, os.getpid())
+        self.tls = dict(tls) if tls else None
+        self.name = "%s%d_%d@localhost" % ("dsmtls" if self.tls else "dsmtest", index, os.getpid())
         self.host = "127.0.0.1"
         self.port = util.free_port()
+        self.tls_port = util.free_port() if self.tls else None
         self.dist_port = util.free_port()
         self.dir = os.path.join(workdir, "node%d" % index)
         self.epmd_port = epmd_port
@@ -105,6 +115,21 @@ class RabbitNode:
                     "disk_free_limit.absolute = 10MB\n"
                     "log.console = false\n"
                     "log.file.level = info\n" % self.port)
+            if self.tls:
+                tdir = os.path.join(d, "tls")
+                os.makedirs(tdir, exist_ok=True)
+                paths = {}
+                for k in ("ca", "cert", "key"):
+                    paths[k] = os.path.join(tdir, k + ".pem")
+                    shutil.copyfile(self.tls[k], paths[k])
+                os.chmod(paths["key"], 0o600)
+                f.write("listeners.ssl.default = 127.0.0.1:%d\n"
+                        "ssl_options.cacertfile = %s\n"
+                        "ssl_options.certfile = %s\n"
+                        "ssl_options.keyfile = %s\n"
+                        "ssl_options.verify = verify_none\n"
+                        "ssl_options.fail_if_no_peer_cert = false\n"
+                        % (self.tls_port, paths["ca"], paths["cert"], paths["key"]))
         with open(os.path.join(d, "enabled_plugins"), "w") as f:
             f.write("[].\n")
         with open(os.path.join(d, "rabbitmq-env.conf"), "w") as f:
@@ -171,7 +196,8 @@ class RabbitNode:
             if self.proc.poll() is not None:
                 raise RuntimeError("rabbitmq node %s exited with %s during start:\n%s"
                                    % (self.name, self.proc.returncode, self.log_tail()))
-            if util.port_open(self.host, self.port, 0.2) and amqp_ready(self.host, self.port):
+            if util.port_open(self.host, self.port, 0.2) and amqp_ready(self.host, self.port) \
+                    and (self.tls_port is None or util.port_open(self.host, self.tls_port, 0.2)):
                 break
             if time.monotonic() >= deadline:
                 raise TimeoutError("rabbitmq node %s did not accept AMQP within %.0fs:\n%s"
@@ -275,14 +301,16 @@ class RabbitGroup:
         self.lock = threading.Lock()
         self.start_seconds = None
 
-    def start(self, n=2, timeout=START_TIMEOUT):
-        """Starts n nodes in parallel; returns them once each accepts AMQP."""
+    def start(self, n=2, timeout=START_TIMEOUT, tls=None):
+        """Starts n nodes in parallel; returns them once each accepts AMQP.
+        tls: dict(cert=, key=, ca=) PEM paths: each node also gets a TLS
+        listener (node.tls_port)."""
         if not available():
             raise RuntimeError("rabbitmq-server is not installed")
         t0 = time.monotonic()
         if self.epmd is None:
             self.epmd = Epmd(self.workdir)
-        new = [RabbitNode(self, len(self.nodes) + i + 1, self.workdir, self.epmd.port)
+        new = [RabbitNode(self, len(self.nodes) + i + 1, self.workdir, self.epmd.port, tls=tls)
                for i in range(n)]
         self.nodes.extend(new)
         try:
