@@ -27,7 +27,8 @@
 #define FLAP_LIMIT           3
 #define MAX_LOGGED_STALE     16
 #define MAX_DISCOVERY_ROUNDS 3
-#define HINT_GAP_MAX_USEC    (250 * USEC_PER_MSEC)
+#define HINT_BURST           3.0 /* hint rounds that may start at once */
+#define HINT_RATE            4.0 /* hint rounds per second after the burst */
 
 static uint64_t now_usec(clockid_t clock) {
         struct timespec ts;
@@ -123,8 +124,14 @@ static void manager_update_warnings(Manager *m) {
 
 static void on_round_done(Poller *p, void *userdata);
 
+static double take_hint_token(Manager *m);
+
 static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
-        manager_request_round(userdata, NULL);
+        Manager *m = userdata;
+
+        if (m->hint_deferred)
+                (void) take_hint_token(m);
+        manager_request_round(m, NULL);
         return 0;
 }
 
@@ -161,7 +168,7 @@ static void manager_start_round(Manager *m) {
         (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_OFF);
         m->round_pending = false;
         m->hint_pending = false;
-        m->last_round_start_usec = now_usec(CLOCK_MONOTONIC);
+        m->hint_deferred = false;
         r = poller_start_round(m->poller, on_round_done, m);
         if (r < 0) {
                 log_warning_errno(r, "Cannot start a poll round");
@@ -186,25 +193,58 @@ static int on_round_deadline(sd_event_source *s, uint64_t usec, void *userdata) 
         return 0;
 }
 
-/* Hints (events, notifies) may come in storms: after a round has started,
- * the next hint round waits a short gap (fast_poll_interval, at most
- * HINT_GAP_MAX), so a burst of any size costs a handful of rounds while a
- * lone hint still starts its round at once. */
-static uint64_t hint_not_before(const Manager *m) {
-        uint64_t gap = m->config->fast_poll_interval;
-        return m->last_round_start_usec + (gap < HINT_GAP_MAX_USEC ? gap : HINT_GAP_MAX_USEC);
+/* Hints (events, notifies, the loss of the broker) may come in storms. A
+ * token bucket (HINT_BURST rounds at once, HINT_RATE per second after
+ * that) lets a lone hint, or a few, start their round at once while a
+ * storm of any size costs a handful of rounds. */
+static uint64_t hint_ready_at(Manager *m, uint64_t now) {
+        m->hint_tokens += (double) (now - m->hint_tokens_usec) * HINT_RATE / (double) USEC_PER_SEC;
+        if (m->hint_tokens > HINT_BURST)
+                m->hint_tokens = HINT_BURST;
+        m->hint_tokens_usec = now;
+        if (m->hint_tokens >= 1.0)
+                return now;
+        return now + (uint64_t) ((1.0 - m->hint_tokens) / HINT_RATE * (double) USEC_PER_SEC) + 1;
 }
 
-static void manager_defer_hint_round(Manager *m, uint64_t not_before) {
-        uint64_t when = hint_not_before(m) > not_before ? hint_not_before(m) : not_before, armed = 0;
+/* Arms the poll timer for a hint round at `when` unless it already fires
+ * sooner. */
+static void manager_defer_hint_round(Manager *m, uint64_t when) {
+        uint64_t armed = 0;
         int enabled = SD_EVENT_OFF;
 
         (void) sd_event_source_get_enabled(m->poll_timer, &enabled);
         (void) sd_event_source_get_time(m->poll_timer, &armed);
+        m->hint_deferred = true;
         if (enabled != SD_EVENT_OFF && armed <= when)
                 return;
         (void) sd_event_source_set_time(m->poll_timer, when);
         (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_ONESHOT);
+}
+
+/* Starts a hint round now if a token is there and hint_spread allows,
+ * else defers it. spread: draw the fleet-wide spread (a fresh trigger). */
+static void manager_start_hint_round(Manager *m, bool spread) {
+        uint64_t now = now_usec(CLOCK_MONOTONIC), when = hint_ready_at(m, now);
+
+        if (spread && m->config->hint_spread > 0) {
+                /* hint_spread: a fleet-wide trigger spreads its fleet-wide poll. */
+                uint64_t drawn = now + (uint64_t) (random_unit() * (double) m->config->hint_spread);
+                if (drawn > when)
+                        when = drawn;
+        }
+        if (when > now) {
+                manager_defer_hint_round(m, when);
+                return;
+        }
+        (void) take_hint_token(m);
+        manager_start_round(m);
+}
+
+static double take_hint_token(Manager *m) {
+        (void) hint_ready_at(m, now_usec(CLOCK_MONOTONIC));
+        m->hint_tokens -= 1.0;
+        return m->hint_tokens;
 }
 
 static void manager_request(Manager *m, const char *why, bool hint) {
@@ -219,16 +259,10 @@ static void manager_request(Manager *m, const char *why, bool hint) {
                         m->round_pending = true;
                 return;
         }
-        if (hint) {
-                /* hint_spread: a fleet-wide trigger spreads its fleet-wide poll. */
-                uint64_t now = now_usec(CLOCK_MONOTONIC);
-                uint64_t not_before = now + (uint64_t) (random_unit() * (double) m->config->hint_spread);
-                if (now < hint_not_before(m) || not_before > now) {
-                        manager_defer_hint_round(m, not_before);
-                        return;
-                }
-        }
-        manager_start_round(m);
+        if (hint && !m->hint_deferred)
+                manager_start_hint_round(m, true);
+        else if (!hint)
+                manager_start_round(m);
 }
 
 void manager_request_round(Manager *m, const char *why) {
@@ -660,8 +694,10 @@ static void on_round_done(Poller *p, void *userdata) {
                 manager_start_round(m);
         else {
                 manager_schedule_next(m);
-                if (m->hint_pending)
-                        manager_defer_hint_round(m, 0);
+                if (m->hint_pending) {
+                        m->hint_pending = false;
+                        manager_start_hint_round(m, false);
+                }
         }
 }
 
@@ -683,7 +719,7 @@ static void on_broker_state(Broker *b, BrokerConnState state, const char *reason
                  * the fast-poll backoff (contract 4). */
                 m->fast_delay_usec = 0;
                 manager_request_hint_round(m, "broker lost");
-        } else if (state == BROKER_CONNECTED && !poller_in_flight(m->poller)) {
+        } else if (state == BROKER_CONNECTED && !poller_in_flight(m->poller) && !m->hint_deferred) {
                 /* Back to the steady interval, counted from now. */
                 m->fast_delay_usec = 0;
                 manager_schedule_next(m);
@@ -918,6 +954,7 @@ int manager_new(Config *config, bool once, Manager **ret) {
         m->config = config;
         m->once = once;
         m->gate.state = config->update_enabled ? GATE_NONE : GATE_DISABLED;
+        m->hint_tokens = HINT_BURST;
 
         r = sd_event_default(&m->event);
         if (r < 0)

@@ -48,9 +48,11 @@ typedef struct Manager {
         PersistentState state;
 
         /* Round scheduling. */
-        bool round_pending;              /* a round is owed as soon as the current one ends */
-        bool hint_pending;               /* an event/notify round is owed, spaced by fast_poll_interval */
-        uint64_t last_round_start_usec;  /* CLOCK_MONOTONIC */
+        bool round_pending; /* a round is owed as soon as the current one ends */
+        bool hint_pending;  /* an event/notify round is owed when the current one ends */
+        bool hint_deferred; /* the poll timer is armed for a hint round */
+        double hint_tokens; /* token bucket that spaces hint rounds in a storm */
+        uint64_t hint_tokens_usec;
         bool state_save_failed;          /* a commit waits for the state file */
         bool in_round_done;              /* requests made while a round is judged wait for it */
         unsigned discovery_rounds;       /* immediate rounds in a row for newly found nodes */
@@ -91,9 +93,9 @@ int manager_run(Manager *m);
 
 /* Asks for a poll round now; coalesces with one in flight. `why` is logged. */
 void manager_request_round(Manager *m, const char *why);
-/* The same for a hint (event, notify): coalesced, and spaced a short gap
- * (fast_poll_interval, at most 250 ms) after the last round's start, so
- * storms stay cheap. */
+/* The same for a hint (event, notify, broker loss): coalesced, rate-limited
+ * by a token bucket (a few at once, then 4 per second) so storms stay
+ * cheap, and delayed by up to [provider] hint_spread when that is set. */
 void manager_request_hint_round(Manager *m, const char *why);
 
 /* The status document of contract section 7 (agent/status.c). */
