@@ -467,7 +467,10 @@ def fleet(env, opts):
         log("fleet: starting %d daemons (poll_interval %s, heartbeat %s)" % (N, opts.fleet_poll, PROD["heartbeat"]))
         t_start = time.monotonic()
         for i in range(N):
-            d = env.new_daemon("agent%03d" % i, sim, cfg)
+            # A directory per section: a state file left by an earlier fleet
+            # (at a higher epoch) would rightly make the daemon ignore a
+            # new cluster starting again at epoch 1.
+            d = env.new_daemon("fleet-%s-agent%03d" % (spread, i), sim, cfg)
             d.start(wait=False)
             daemons.append(d)
         tails = [LogTail(d.log_path) for d in daemons]
