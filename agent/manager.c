@@ -27,8 +27,8 @@
 #define FLAP_LIMIT           3
 #define MAX_LOGGED_STALE     16
 #define MAX_DISCOVERY_ROUNDS 3
-#define HINT_BURST           3.0 /* hint rounds that may start at once */
-#define HINT_RATE            4.0 /* hint rounds per second after the burst */
+#define HINT_BURST           4.0 /* hint rounds that may start at once */
+#define HINT_RATE            8.0 /* hint rounds per second after the burst */
 
 static uint64_t now_usec(clockid_t clock) {
         struct timespec ts;

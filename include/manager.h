@@ -94,7 +94,7 @@ int manager_run(Manager *m);
 /* Asks for a poll round now; coalesces with one in flight. `why` is logged. */
 void manager_request_round(Manager *m, const char *why);
 /* The same for a hint (event, notify, broker loss): coalesced, rate-limited
- * by a token bucket (a few at once, then 4 per second) so storms stay
+ * by a token bucket (4 at once, then 8 per second) so storms stay
  * cheap, and delayed by up to [provider] hint_spread when that is set. */
 void manager_request_hint_round(Manager *m, const char *why);
 
