@@ -112,8 +112,8 @@ ifneq ($(SANITIZE),1)
 	# The soak test also runs the daemon built with ASan+UBSan.
 	$(MAKE) SANITIZE=1 BUILD=build-san all
 endif
-	$(MAKE) integration
 	$(MAKE) fuzz FUZZ_TIME=$(CHECK_FUZZ_TIME)
+	$(MAKE) integration
 
 bench: deps
 	$(MAKE) all $(TOOLS)
