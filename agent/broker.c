@@ -166,13 +166,6 @@ static void workers_wait(usec_t timeout) {
 
 /* ---- small helpers ---- */
 
-static usec_t now_usec(clockid_t clock) {
-        struct timespec ts;
-
-        clock_gettime(clock, &ts);
-        return (usec_t) ts.tv_sec * USEC_PER_SEC + (usec_t) ts.tv_nsec / NSEC_PER_USEC;
-}
-
 static struct timeval usec_to_timeval(usec_t u) {
         return (struct timeval){.tv_sec = u / USEC_PER_SEC, .tv_usec = u % USEC_PER_SEC};
 }

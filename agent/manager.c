@@ -30,12 +30,6 @@
 #define HINT_BURST           4.0 /* hint rounds that may start at once */
 #define HINT_RATE            8.0 /* hint rounds per second after the burst */
 
-static uint64_t now_usec(clockid_t clock) {
-        struct timespec ts;
-        clock_gettime(clock, &ts);
-        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
-}
-
 /* A uniform double in [0, 1) for jitter and the update delay. Quality
  * matters little; spreading a fleet out is all it does. */
 static double random_unit(void) {

@@ -405,21 +405,18 @@ void notify_reply_done(NotifyReply *r) {
 
 /* ---- logging, limited -------------------------------------------- */
 
-static uint64_t now_usec(NotifyServer *s) {
+static uint64_t loop_now_usec(NotifyServer *s) {
         uint64_t t = 0;
 
-        if (sd_event_now(s->event, CLOCK_MONOTONIC, &t) < 0) {
-                struct timespec ts;
-                clock_gettime(CLOCK_MONOTONIC, &ts);
-                t = (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
-        }
+        if (sd_event_now(s->event, CLOCK_MONOTONIC, &t) < 0)
+                t = now_usec(CLOCK_MONOTONIC);
         return t;
 }
 
 /* True when one more line may be logged in the current window. When a
  * window ends with lines suppressed, says so once. */
 static bool ratelog_ok(NotifyServer *s, RateLog *rl, const char *mid, const char *what) {
-        uint64_t now = now_usec(s);
+        uint64_t now = loop_now_usec(s);
 
         if (now - rl->window_start >= LOG_WINDOW_USEC) {
                 if (rl->suppressed > 0)
@@ -462,13 +459,13 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap) {
 /* ---- the token bucket ---------------------------------------------- */
 
 static TokenBucket bucket_new(NotifyServer *s, double rate, double burst) {
-        return (TokenBucket){.tokens = burst, .rate = rate, .burst = burst, .usec = now_usec(s)};
+        return (TokenBucket){.tokens = burst, .rate = rate, .burst = burst, .usec = loop_now_usec(s)};
 }
 
 /* Refills; returns 0 when a token is available, else the whole seconds
  * (at least 1) until one is. */
 static unsigned bucket_wait(NotifyServer *s, TokenBucket *b) {
-        uint64_t now = now_usec(s);
+        uint64_t now = loop_now_usec(s);
         double secs;
 
         b->tokens += (double) (now - b->usec) * b->rate / (double) USEC_PER_SEC;
@@ -584,7 +581,7 @@ static void conn_set_idle(NotifyServer *s, Conn *c) {
         uint32_t quiet_ms;
 
         c->busy = false;
-        c->since_usec = now_usec(s);
+        c->since_usec = loop_now_usec(s);
         if (!conn_tcp_info(c, &c->rx_idle, &quiet_ms))
                 c->rx_idle = UINT64_MAX;
 }
@@ -657,7 +654,7 @@ static void on_connection(void *cls, struct MHD_Connection *connection, void **s
                         c->peer = in6addr_any;
                 /* Whatever arrived before MHD got to this notification is
                  * the start of a request already: 0 bytes marks idle. */
-                c->since_usec = now_usec(s);
+                c->since_usec = loop_now_usec(s);
                 c->rx_idle = 0;
                 conn_append(s, c);
                 s->n_conns++;
@@ -708,7 +705,7 @@ static enum MHD_Result on_accept(void *cls, const struct sockaddr *addr, socklen
 /* Drops connections whose request has been going on for too long, and
  * returns the earliest deadline still pending (USEC_INFINITY: none). */
 static uint64_t sweep_deadlines(NotifyServer *s) {
-        uint64_t now = now_usec(s), next = USEC_INFINITY;
+        uint64_t now = loop_now_usec(s), next = USEC_INFINITY;
 
         for (Conn *c = s->conns_head; c; c = c->next) {
                 uint64_t deadline = c->since_usec + NOTIFY_REQUEST_DEADLINE_USEC;
@@ -955,7 +952,7 @@ static int on_timer(sd_event_source *es, uint64_t usec, void *userdata);
 
 static void notify_rearm(NotifyServer *s) {
         MHD_UNSIGNED_LONG_LONG ms;
-        uint64_t next = sweep_deadlines(s), now = now_usec(s);
+        uint64_t next = sweep_deadlines(s), now = loop_now_usec(s);
         int r;
 
         if (MHD_get_timeout(s->mhd, &ms) == MHD_YES) {

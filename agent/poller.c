@@ -38,12 +38,6 @@ struct Poller {
         void *userdata;
 };
 
-static uint64_t now_usec(clockid_t clock) {
-        struct timespec ts;
-        clock_gettime(clock, &ts);
-        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
-}
-
 static void target_set_error(PollTarget *t, const char *fmt, ...) _printf_(2, 3);
 static void target_set_error(PollTarget *t, const char *fmt, ...) {
         va_list ap;

@@ -97,13 +97,6 @@ struct Updater {
         char **argv; /* the command in flight, owned copies */
 };
 
-static uint64_t now_realtime(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_REALTIME, &ts);
-        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
-}
-
 static CURLU *curl_url_cleanup_p(CURLU *h) {
         curl_url_cleanup(h);
         return NULL;
@@ -258,7 +251,7 @@ static void updater_fail(Updater *u, const char *fmt, ...) {
                 backoff *= 2;
         if (backoff > BACKOFF_MAX_USEC)
                 backoff = BACKOFF_MAX_USEC;
-        s->retry_not_before_usec = now_realtime() + backoff;
+        s->retry_not_before_usec = now_usec(CLOCK_REALTIME) + backoff;
 
         u->phase = UPDATER_FAILED;
         log_struct(LOG_WARNING, 0, MID_UPDATE_FAILED,
@@ -866,7 +859,7 @@ int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_
         }
         /* A restored backoff is no longer than one from now either; the
          * caller saves the state with its next change. */
-        (void) backoff_clamp(state, now_realtime());
+        (void) backoff_clamp(state, now_usec(CLOCK_REALTIME));
         *ret = u;
         return 0;
 }
@@ -898,7 +891,7 @@ void updater_set_download_limits(Updater *u, uint64_t low_speed_bytes, usec_t lo
 int updater_start(Updater *u, const AgentUpdate *offer, const char *trusted_api_url) {
         PersistentState *s = u->state;
         char reason[GATE_REASON_MAX];
-        uint64_t now = now_realtime();
+        uint64_t now = now_usec(CLOCK_REALTIME);
         const char *base;
         int r;
 

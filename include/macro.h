@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ELEMENTSOF(x)  (sizeof(x) / sizeof((x)[0]))
@@ -17,6 +18,15 @@
 #define USEC_PER_MSEC ((uint64_t) 1000ULL)
 #define NSEC_PER_USEC ((uint64_t) 1000ULL)
 #define USEC_INFINITY ((uint64_t) -1)
+
+/* Microseconds on a clock (CLOCK_MONOTONIC for timers, CLOCK_REALTIME for
+ * what is shown or persisted). */
+static inline uint64_t now_usec(clockid_t clock) {
+        struct timespec ts;
+
+        clock_gettime(clock, &ts);
+        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
+}
 
 static inline void freep(void *p) {
         free(*(void **) p);

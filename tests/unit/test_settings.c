@@ -105,27 +105,21 @@ static void set_hook(Ctx *c, const char *script) {
         c->cfg.on_change_argv = c->argv;
 }
 
-static uint64_t now_usec(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
-}
-
 static void run_for(Ctx *c, uint64_t usec) {
-        uint64_t end = now_usec() + usec;
-        while (now_usec() < end)
+        uint64_t end = now_usec(CLOCK_MONOTONIC) + usec;
+        while (now_usec(CLOCK_MONOTONIC) < end)
                 assert_true(sd_event_run(c->event, 50 * USEC_PER_MSEC) >= 0);
 }
 
 /* Runs the loop until the writer is idle; fails after limit. */
 static uint64_t run_until_idle(Ctx *c, SettingsWriter *w, uint64_t limit) {
-        uint64_t start = now_usec();
+        uint64_t start = now_usec(CLOCK_MONOTONIC);
 
         while (settings_writer_busy(w)) {
-                assert_true(now_usec() - start < limit);
+                assert_true(now_usec(CLOCK_MONOTONIC) - start < limit);
                 assert_true(sd_event_run(c->event, 50 * USEC_PER_MSEC) >= 0);
         }
-        return now_usec() - start;
+        return now_usec(CLOCK_MONOTONIC) - start;
 }
 
 static char *read_in_dir(Ctx *c, const char *name) {
