@@ -52,6 +52,15 @@ def start(daemon_factory, sim, **kw):
     d = daemon_factory(sim, overrides={k: dict(v) for k, v in QUIET.items()},
                        notify_token=NOTIFY_TOKEN, **kw)
     d.wait_for_primary("p1", 1, timeout=15)
+    # Let the start-up rounds (discovery, the broker's first failure) end,
+    # so that a test's two-step change to the simulator is seen whole.
+    last, since = status(d)["counters"]["polls"], time.monotonic()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and time.monotonic() - since < 1.0:
+        time.sleep(0.1)
+        now = status(d)["counters"]["polls"]
+        if now != last:
+            last, since = now, time.monotonic()
     return d
 
 
@@ -152,7 +161,7 @@ def test_warning_stale_primary(daemon_factory, sim3):
     assert st["epoch"] == 2 and st["primary"]["id"] == "p2"
     p1 = [n for n in st["nodes"] if n["id"] == "p1"][0]
     assert p1["role"] == "primary" and p1["epoch"] == 1
-    d.wait_for_log(r"d775722cd8e14370afeae64124287aa9.*DSM_NODE_ID=p1", timeout=5, start=mark)
+    d.wait_for_log(r"d775722cd8e14370afeae64124287aa9.*DSM_NODE_ID=p1", timeout=15, start=mark)
     assert d.read_settings()["provider"]["primary_id"] == "p2"
     # Once p1 catches up the warning goes away.
     sim3.sync("p1")
@@ -171,7 +180,7 @@ def test_warning_primary_conflict(daemon_factory, sim3):
     conflict = [w for w in st["warnings"] if "conflict" in w]
     assert len(conflict) == 1, st["warnings"]
     assert "p2" in conflict[0] and "p3" in conflict[0] and "2" in conflict[0]
-    d.wait_for_log(r"0b11e79c89694bf090eb2feb4eccc48a", timeout=5, start=mark)
+    d.wait_for_log(r"0b11e79c89694bf090eb2feb4eccc48a", timeout=15, start=mark)
     assert st["epoch"] == 2 and st["primary"]["id"] == "p2"
     assert d.settings_text() == settings
 
@@ -293,7 +302,7 @@ def test_ctl_notify_starts_a_round(daemon_factory, sim3):
                       and s["counters"]["notifies"] == st0["counters"]["notifies"] + 1, timeout=10)
     after = {nid: sim3.counters(nid).get("requests", 0) for nid in sim3.urls}
     assert all(after[k] > before[k] for k in before), (before, after)
-    d.wait_for_log(r"37e50e3188e74df3b5cb1cf22f7f44aa.*dsm-agent-syncctl", timeout=5, start=mark)
+    d.wait_for_log(r"37e50e3188e74df3b5cb1cf22f7f44aa.*dsm-agent-syncctl", timeout=15, start=mark)
 
 
 def test_ctl_daemon_not_running(daemon_factory, sim3):
@@ -328,7 +337,7 @@ def test_ctl_wrong_token(daemon_factory, sim3, tmp_path):
         assert "401" in r.stderr and "token" in r.stderr, r.stderr
         assert "not-the-daemons-token" not in r.stderr + r.stdout
     # The daemon logged the refusal, without either token.
-    d.wait_for_log(r"3df29a54da1c49828e32990bcbad1b87", timeout=5)
+    d.wait_for_log(r"3df29a54da1c49828e32990bcbad1b87", timeout=15)
     assert "not-the-daemons-token" not in d.log_text() and NOTIFY_TOKEN not in d.log_text()
 
 
