@@ -903,7 +903,7 @@ static void test_shipped_config(void **state) {
         assert_string_equal(c->broker_password, "guest");
         assert_string_equal(c->notify_listen, "0.0.0.0:8631");
         assert_int_equal(c->n_allow, 2);
-        assert_string_equal(c->on_change_argv[0], "/usr/bin/systemctl");
+        assert_null(c->on_change_argv); /* the packaged service restarts the agent by a path unit */
         assert_int_equal(c->settings_mode, 0640);
         assert_int_equal(c->log_level, LOG_INFO);
         config_free(c);
