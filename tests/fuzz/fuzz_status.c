@@ -211,7 +211,8 @@ static const char *expected_target_id(const Manager *m, const PollTarget *t) {
 }
 
 static const char *expected_offer(const Manager *m) {
-        if (m->state.committed.epoch == 0)
+        /* Without a poller there are no answers, so no offer either. */
+        if (m->state.committed.epoch == 0 || !m->poller)
                 return NULL;
         for (size_t i = 0; i < n_targets; i++) {
                 const PollTarget *t = &targets[i];
