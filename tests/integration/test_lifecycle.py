@@ -13,12 +13,13 @@ import os
 import random
 import re
 import signal
-import stat
 import statistics
 import threading
 import time
 
 import pytest
+
+from harness.rounds import expected_settings, mid_lines, mode_of, poll_now, polls, wait_polls
 
 MID_CONFIG_REJECTED = "7973658656e64425b0beaf0a576b2dce"
 MID_COMMITTED = "ded36cf01a5547829b18395ff8df2196"
@@ -44,59 +45,11 @@ SETTINGS_RE = re.compile(
 
 # ----- helpers -----------------------------------------------------------------
 
-def expected_settings(sim, node_id, epoch):
-    n = sim.state()["nodes"][node_id]
-    b = n["broker"]
-    return ("# Managed by dsm-agent-syncd. Local changes are overwritten.\n"
-            "[rabbitmq]\nhost = %s\nport = %d\nvhost = %s\ntls = %s\n\n"
-            "[provider]\nprimary_id = %s\nepoch = %d\napi_url = %s\n"
-            % (b["host"], b["port"], b["vhost"], "true" if b["tls"] else "false",
-               node_id, epoch, n["api_url"]))
-
-
-def polls(d, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        code, doc = d.status()
-        if code == 200:
-            return doc["counters"]["polls"]
-        assert code == 429 and time.monotonic() < deadline, (code, doc)
-        time.sleep(0.2)
-
-
-def wait_polls(d, target, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        n = polls(d)
-        if n >= target:
-            return n
-        if time.monotonic() >= deadline:
-            raise TimeoutError("polls %d < %d\n%s" % (n, target, d.log_tail()))
-        time.sleep(0.1)
-
-
-def poll_now(d, rounds=2, timeout=20.0):
-    """Runs poll rounds now through POST /v1/notify and waits for them."""
-    for _ in range(rounds):
-        before = polls(d)
-        code, doc = d.notify({"reason": "test"})
-        assert code == 202, doc
-        wait_polls(d, before + 1, timeout)
-
-
-def mode_of(path):
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
 def line_of(text, startswith):
     for i, ln in enumerate(text.splitlines(), 1):
         if ln.startswith(startswith):
             return i
     raise AssertionError("no line starting with %r" % startswith)
-
-
-def mid_lines(d, mid, start=0):
-    return [ln for ln in d.log_lines()[start:] if "MESSAGE_ID=%s" % mid in ln]
 
 
 # ----- command line -------------------------------------------------------------

@@ -22,6 +22,8 @@ import time
 
 import pytest
 
+from harness.rounds import expected_settings, mid_lines, poll_now, polls, wait_polls
+
 MID_COMMITTED = "ded36cf01a5547829b18395ff8df2196"
 MID_STALE = "d775722cd8e14370afeae64124287aa9"
 MID_CONFLICT = "0b11e79c89694bf090eb2feb4eccc48a"
@@ -34,69 +36,11 @@ BUSY = {"provider": {"poll_interval": "1s", "fast_poll_interval": "200ms",
 
 # ----- helpers -----------------------------------------------------------------
 
-def expected_settings(sim, node_id, epoch):
-    """The exact text of contract section 5 for node_id's broker at epoch."""
-    n = sim.state()["nodes"][node_id]
-    b = n["broker"]
-    return ("# Managed by dsm-agent-syncd. Local changes are overwritten.\n"
-            "[rabbitmq]\n"
-            "host = %s\n"
-            "port = %d\n"
-            "vhost = %s\n"
-            "tls = %s\n"
-            "\n"
-            "[provider]\n"
-            "primary_id = %s\n"
-            "epoch = %d\n"
-            "api_url = %s\n"
-            % (b["host"], b["port"], b["vhost"], "true" if b["tls"] else "false",
-               node_id, epoch, n["api_url"]))
-
-
-def polls(d, timeout=10.0):
-    """counters.polls from the status document (retries a 429: the
-    listener's rate limit is 20 requests/s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        code, doc = d.status()
-        if code == 200:
-            return doc["counters"]["polls"]
-        assert code == 429 and time.monotonic() < deadline, (code, doc)
-        time.sleep(0.2)
-
-
-def wait_polls(d, target, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        n = polls(d)
-        if n >= target:
-            return n
-        if time.monotonic() >= deadline:
-            raise TimeoutError("polls counter %d < %d after %.1fs\n%s"
-                               % (n, target, timeout, d.log_tail()))
-        time.sleep(0.1)
-
-
-def poll_now(d, rounds=2, timeout=20.0):
-    """Makes the daemon run poll rounds now (POST /v1/notify) and waits for
-    them. With rounds >= 2 at least one complete round started after this
-    call (a round in flight at the call counts as the first)."""
-    for _ in range(rounds):
-        before = polls(d)
-        code, doc = d.notify({"reason": "test"})
-        assert code == 202, doc
-        wait_polls(d, before + 1, timeout)
-
-
 def settled(d, timeout=20.0):
     """Waits for the start-up rounds of a daemon to be over (first commit
     done and no round running), so that the next notify is the next round."""
     d.wait_for_settings(lambda s: True, timeout)
     poll_now(d, 1, timeout)
-
-
-def mid_lines(d, mid, start=0):
-    return [ln for ln in d.log_lines()[start:] if "MESSAGE_ID=%s" % mid in ln]
 
 
 def node_status(doc, node_id):
