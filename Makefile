@@ -16,6 +16,9 @@ PYTEST_ARGS ?=
 CHECK_FUZZ_TIME ?= 10
 
 LIBS_PKG := librabbitmq libcurl jansson libsystemd inih libmicrohttpd libssl libcrypto
+# include/ holds what common/ offers to both programs; the daemon's private
+# headers sit beside their sources in agent/. Code in common/ sees only
+# include/, so it cannot reach into the daemon.
 CPPFLAGS += -Iinclude -D_GNU_SOURCE
 CFLAGS ?= -O2 -g
 CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wformat=2 \
@@ -34,7 +37,10 @@ endif
 COMMON_SRC := $(sort $(wildcard common/*.c))
 AGENT_SRC := $(filter-out agent/main.c agent/ctl.c,$(sort $(wildcard agent/*.c)))
 DAEMON_OBJ := $(patsubst %.c,$(BUILD)/%.o,agent/main.c $(AGENT_SRC) $(COMMON_SRC))
-CTL_OBJ := $(patsubst %.c,$(BUILD)/%.o,agent/ctl.c $(COMMON_SRC))
+# The control tool is built from its own object list and libraries (as
+# chrony builds chronyc): it reads the config and asks the daemon over HTTP.
+CTL_OBJ := $(patsubst %.c,$(BUILD)/%.o,agent/ctl.c common/config.c common/log.c)
+CTL_LIBS_PKG := libcurl jansson inih libsystemd
 TOOLS_SRC := $(sort $(wildcard tests/tools/*.c))
 TOOLS := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(TOOLS_SRC))
 UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
@@ -42,15 +48,19 @@ UNIT_TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRC))
 
 all: $(BUILD)/dsm-agent-syncd $(BUILD)/dsm-agent-syncctl
 
-$(BUILD)/%.o: %.c
+$(BUILD)/common/%.o: common/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/agent/%.o: agent/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) -Iagent $(CFLAGS) -c -o $@ $<
 
 $(BUILD)/dsm-agent-syncd: $(DAEMON_OBJ)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/dsm-agent-syncctl: $(CTL_OBJ)
-	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(shell $(PKG_CONFIG) --libs $(CTL_LIBS_PKG) 2>/dev/null) -lm
 
 # A unit test links only the modules listed in its .deps file, so each one
 # builds on its own. (A function, not a pattern: under second expansion a
@@ -60,13 +70,13 @@ tool_objs = $(patsubst %.c,$(BUILD)/%.o,$(shell cat tests/tools/$(1).deps 2>/dev
 .SECONDEXPANSION:
 $(BUILD)/tests/test_%: tests/unit/test_%.c $$(call unit_objs,$$*)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.o,$^) $(LDLIBS) $(shell $(PKG_CONFIG) --libs cmocka)
+	$(CC) $(CPPFLAGS) -Iagent $(CFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.o,$^) $(LDLIBS) $(shell $(PKG_CONFIG) --libs cmocka)
 
 # Test and benchmark helper programs (probe, publisher, drivers): each links
 # the modules listed in its own .deps file.
 $(BUILD)/tests/%: tests/tools/%.c $$(call tool_objs,$$*)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.o,$^) $(LDLIBS)
+	$(CC) $(CPPFLAGS) -Iagent $(CFLAGS) $(LDFLAGS) -o $@ $(filter %.c %.o,$^) $(LDLIBS)
 
 deps:
 	@./tests/install-deps.sh
@@ -83,7 +93,7 @@ integration: all $(TOOLS)
 FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_BIN := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(FUZZ_SRC))
 FUZZ_TIME ?= 60
-FUZZ_CFLAGS := -std=gnu11 -g -O1 -Iinclude -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
+FUZZ_CFLAGS := -std=gnu11 -g -O1 -Iinclude -Iagent -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
                $(shell $(PKG_CONFIG) --cflags $(LIBS_PKG) 2>/dev/null)
 
 fuzz_srcs = $(shell cat tests/fuzz/fuzz_$(1).deps 2>/dev/null)
@@ -102,7 +112,7 @@ fuzz: $(FUZZ_BIN)
 
 # The code is formatted by clang-format (.clang-format); the build checks it.
 format-check:
-	clang-format --dry-run --Werror $(wildcard agent/*.c common/*.c include/*.h tests/unit/*.c tests/tools/*.c tests/fuzz/*.c)
+	clang-format --dry-run --Werror $(wildcard agent/*.c agent/*.h common/*.c include/*.h tests/unit/*.c tests/tools/*.c tests/fuzz/*.c)
 
 check: deps
 	$(MAKE) format-check

@@ -18,7 +18,7 @@
 
 #include "config.h"
 #include "macro.h"
-#include "manager.h"
+#include "version.h"
 
 #define CTL_EXIT_FAIL    1
 #define CTL_EXIT_USAGE   2

@@ -8,6 +8,7 @@
 #include "config.h"
 #include "log.h"
 #include "manager.h"
+#include "version.h"
 
 #define EXIT_CONFIG 78
 

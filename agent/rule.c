@@ -308,8 +308,3 @@ void rule_evaluate(const Committed *current, const RuleAnswer *answers, size_t n
         collect_stale(answers, n_answers, ret->verdict == RULE_COMMIT ? ret->next.epoch : current->epoch,
                       ret);
 }
-
-bool committed_equal(const Committed *a, const Committed *b) {
-        return a->epoch == b->epoch && streq(a->primary.id, b->primary.id) &&
-               streq(a->primary.api_url, b->primary.api_url) && broker_info_equal(&a->broker, &b->broker);
-}

@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "manager.h"
+#include "version.h"
 
 /* "2026-11-25T16:30:00Z", or JSON null for 0 ("never"). */
 static json_t *rfc3339_or_null(uint64_t usec) {

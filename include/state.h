@@ -8,7 +8,13 @@
 #include <stdint.h>
 
 #include "provider.h"
-#include "rule.h"
+
+/* The committed pair (contract section 3). epoch 0: none yet. */
+typedef struct Committed {
+        uint64_t epoch;
+        NodeRef primary;
+        BrokerInfo broker;
+} Committed;
 
 typedef struct PersistentState {
         Committed committed;               /* epoch 0: nothing committed yet */

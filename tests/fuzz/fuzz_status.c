@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "manager.h"
+#include "version.h"
 
 #ifndef FUZZ_RAW_STRINGS
 #define FUZZ_RAW_STRINGS 0

@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include "manager.h"
+#include "version.h"
 
 static PollTarget targets[3];
 static size_t n_targets;

@@ -8,13 +8,7 @@
 #include <stdint.h>
 
 #include "provider.h"
-
-/* The committed pair, as persisted in the state file. epoch 0: none yet. */
-typedef struct Committed {
-        uint64_t epoch;
-        NodeRef primary;
-        BrokerInfo broker;
-} Committed;
+#include "state.h"
 
 /* One node's answer in a poll round. */
 typedef struct RuleAnswer {
@@ -62,5 +56,3 @@ typedef struct RuleResult {
 
 /* Applies the rule. `current` is the committed pair (epoch 0 when none). */
 void rule_evaluate(const Committed *current, const RuleAnswer *answers, size_t n_answers, RuleResult *ret);
-
-bool committed_equal(const Committed *a, const Committed *b);

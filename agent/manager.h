@@ -21,7 +21,6 @@
 #include "state.h"
 #include "updater.h"
 
-#define DAEMON_VERSION           "0.1.0"
 #define MANAGER_MAX_WARNINGS     16
 #define MANAGER_WARNING_MAX      256
 #define MANAGER_MAX_CHANGE_TIMES 8
