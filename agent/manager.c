@@ -655,7 +655,12 @@ static void on_round_done(Poller *p, void *userdata) {
                 answers[n++] = (RuleAnswer){
                         .via_load_balancer = t->via_load_balancer, .ok = t->ok, .state = &t->state};
         }
-        rule_evaluate(&m->state.committed, answers, n, &res);
+        rule_evaluate(&(RuleInput){.current = &m->state.committed,
+                                   .known = m->state.nodes,
+                                   .n_known = m->state.n_nodes,
+                                   .answers = answers,
+                                   .n_answers = n},
+                      &res);
         manager_log_rule(m, &res);
         if (res.verdict == RULE_COMMIT)
                 manager_commit(m, &res);

@@ -71,40 +71,44 @@ static size_t member_count(const ProviderState *s) {
         return 1 + s->n_nodes;
 }
 
-static bool members_contain(const ProviderState *s, const char *id, size_t upto) {
-        for (size_t pos = 0; pos < upto && pos < member_count(s); pos++)
-                if (streq(member_id(s, pos), id))
+/* The cluster a majority is counted in (rule 6): every id the daemon knows
+ * of, as one enumeration without storage. Position k walks, in order: the
+ * known list, then per answer its own id (unless it came through the load
+ * balancer, which is no node) and its nodes list, then P' itself. An id
+ * counts at its first position only. */
+static const char *universe_id(const RuleInput *in, const char *primary_id, size_t k) {
+        if (k < in->n_known)
+                return in->known[k].id;
+        k -= in->n_known;
+        for (size_t i = 0; i < in->n_answers; i++) {
+                const RuleAnswer *a = &in->answers[i];
+
+                if (!a->ok || !a->state)
+                        continue;
+                if (k < member_count(a->state)) {
+                        if (k == 0 && a->via_load_balancer)
+                                return "";
+                        return member_id(a->state, k);
+                }
+                k -= member_count(a->state);
+        }
+        return k == 0 ? primary_id : NULL;
+}
+
+static bool universe_seen_before(const RuleInput *in, const char *primary_id, const char *id, size_t upto) {
+        for (size_t k = 0; k < upto; k++)
+                if (streq(universe_id(in, primary_id, k), id))
                         return true;
         return false;
 }
 
-/* Has `id` been seen earlier in the cluster of (epoch, primary_id): in the
- * members of an earlier reporting answer, or earlier in answer i's own? */
-static bool seen_before(const RuleAnswer *answers, size_t n, const Candidate *c, size_t i, size_t pos) {
-        const char *id = member_id(answers[i].state, pos);
-
-        for (size_t j = 0; j < i; j++) {
-                const ProviderState *s = canonical(answers, n, j);
-                if (s && reports(s, c->epoch, c->primary_id) && members_contain(s, id, SIZE_MAX))
-                        return true;
-        }
-        return members_contain(answers[i].state, id, pos);
-}
-
-/* P''s cluster: the union of the nodes lists of every answer reporting
- * (E', P'), plus the reporting nodes themselves. */
-static unsigned cluster_size(const RuleAnswer *answers, size_t n, const Candidate *c) {
+static unsigned cluster_size(const RuleInput *in, const char *primary_id) {
         unsigned size = 0;
+        const char *u;
 
-        for (size_t i = 0; i < n; i++) {
-                const ProviderState *s = canonical(answers, n, i);
-
-                if (!s || !reports(s, c->epoch, c->primary_id))
-                        continue;
-                for (size_t pos = 0; pos < member_count(s); pos++)
-                        if (!seen_before(answers, n, c, i, pos))
-                                size++;
-        }
+        for (size_t k = 0; (u = universe_id(in, primary_id, k)); k++)
+                if (*u && !universe_seen_before(in, primary_id, u, k))
+                        size++;
         return size;
 }
 
@@ -126,7 +130,9 @@ static unsigned agreeing(const RuleAnswer *answers, size_t n, const Candidate *c
 /* Fills in everything the round says about (epoch, primary_id). The source of
  * the broker settings is P' itself when it answered; otherwise the version
  * most supporters agree on (lagging Standbys may still carry an older one). */
-static void candidate_evaluate(const RuleAnswer *answers, size_t n, Candidate *c) {
+static void candidate_evaluate(const RuleInput *in, Candidate *c) {
+        const RuleAnswer *answers = in->answers;
+        size_t n = in->n_answers;
         unsigned best_agree = 0;
 
         for (size_t i = 0; i < n; i++) {
@@ -148,7 +154,7 @@ static void candidate_evaluate(const RuleAnswer *answers, size_t n, Candidate *c
                         c->source = s;
                 }
         }
-        c->cluster_size = cluster_size(answers, n, c);
+        c->cluster_size = cluster_size(in, c->primary_id);
 }
 
 static bool candidate_confirmed(const Candidate *c) {
@@ -169,7 +175,10 @@ static bool first_of_pair(const RuleAnswer *answers, size_t n, size_t i) {
 
 /* Another node than primary_id claiming primary at epoch: one answering
  * role=primary there, or another confirmed candidate pair at that epoch. */
-static const char *find_rival(const RuleAnswer *answers, size_t n, uint64_t epoch, const char *primary_id) {
+static const char *find_rival(const RuleInput *in, uint64_t epoch, const char *primary_id) {
+        const RuleAnswer *answers = in->answers;
+        size_t n = in->n_answers;
+
         for (size_t i = 0; i < n; i++) {
                 const ProviderState *s = canonical(answers, n, i);
                 if (s && claims_primary_at(s, epoch) && !streq(s->node.id, primary_id))
@@ -183,7 +192,7 @@ static const char *find_rival(const RuleAnswer *answers, size_t n, uint64_t epoc
                     !first_of_pair(answers, n, i))
                         continue;
                 c.primary_id = s->primary.id;
-                candidate_evaluate(answers, n, &c);
+                candidate_evaluate(in, &c);
                 if (candidate_confirmed(&c))
                         return s->primary.id;
         }
@@ -192,19 +201,20 @@ static const char *find_rival(const RuleAnswer *answers, size_t n, uint64_t epoc
 
 /* The highest confirmed candidate above the committed epoch (false: none).
  * *ret_unconfirmed gets the highest one that is not confirmed, for logs. */
-static bool best_candidate(const Committed *current, const RuleAnswer *answers, size_t n, Candidate *ret,
-                           Candidate *ret_unconfirmed) {
+static bool best_candidate(const RuleInput *in, Candidate *ret, Candidate *ret_unconfirmed) {
+        const RuleAnswer *answers = in->answers;
+        size_t n = in->n_answers;
         bool found = false;
 
         for (size_t i = 0; i < n; i++) {
                 const ProviderState *s = canonical(answers, n, i);
                 Candidate c = {};
 
-                if (!s || s->epoch <= current->epoch || !first_of_pair(answers, n, i))
+                if (!s || s->epoch <= in->current->epoch || !first_of_pair(answers, n, i))
                         continue;
                 c.epoch = s->epoch;
                 c.primary_id = s->primary.id;
-                candidate_evaluate(answers, n, &c);
+                candidate_evaluate(in, &c);
                 if (!candidate_confirmed(&c)) {
                         if (c.epoch > ret_unconfirmed->epoch)
                                 *ret_unconfirmed = c;
@@ -216,6 +226,33 @@ static bool best_candidate(const Committed *current, const RuleAnswer *answers, 
                 }
         }
         return found;
+}
+
+/* Rule 7: the nodes that answered (each once), and whether any of them
+ * names another Primary than primary_id, or claims to be one, at an epoch
+ * >= epoch. A missing answer could still do that, so an early commit
+ * needs a strict majority of the cluster in hand and none of them
+ * dissenting. */
+static unsigned count_answered(const RuleInput *in) {
+        unsigned count = 0;
+
+        for (size_t i = 0; i < in->n_answers; i++)
+                if (canonical(in->answers, in->n_answers, i))
+                        count++;
+        return count;
+}
+
+static bool any_dissent(const RuleInput *in, uint64_t epoch, const char *primary_id) {
+        for (size_t i = 0; i < in->n_answers; i++) {
+                const ProviderState *s = canonical(in->answers, in->n_answers, i);
+
+                if (!s || s->epoch < epoch)
+                        continue;
+                if (!streq(s->primary.id, primary_id) ||
+                    (s->role == NODE_ROLE_PRIMARY && !streq(s->node.id, primary_id)))
+                        return true;
+        }
+        return false;
 }
 
 static void set_conflict(RuleResult *r, uint64_t epoch, const char *a, const char *b) {
@@ -241,18 +278,19 @@ static void commit_from(RuleResult *r, uint64_t epoch, const ProviderState *s, R
 
 /* The same pair with new broker fields (or a new api_url): only P itself,
  * answering as primary at the committed epoch, can tell us. */
-static void check_same_pair(const Committed *current, const RuleAnswer *answers, size_t n, RuleResult *r) {
+static void check_same_pair(const RuleInput *in, RuleResult *r) {
+        const Committed *current = in->current;
         const char *rival;
 
         if (current->epoch == 0)
                 return;
-        rival = find_rival(answers, n, current->epoch, current->primary.id);
+        rival = find_rival(in, current->epoch, current->primary.id);
         if (rival) {
                 set_conflict(r, current->epoch, current->primary.id, rival);
                 return;
         }
-        for (size_t i = 0; i < n; i++) {
-                const ProviderState *s = canonical(answers, n, i);
+        for (size_t i = 0; i < in->n_answers; i++) {
+                const ProviderState *s = canonical(in->answers, in->n_answers, i);
 
                 if (!s || !streq(s->node.id, current->primary.id) || !claims_primary_at(s, current->epoch) ||
                     !reports(s, current->epoch, current->primary.id))
@@ -268,9 +306,9 @@ static void check_same_pair(const Committed *current, const RuleAnswer *answers,
 
 /* Every node answering role=primary below the resulting epoch: an old
  * Primary that came back. Reported, never followed. */
-static void collect_stale(const RuleAnswer *answers, size_t n, uint64_t epoch, RuleResult *r) {
-        for (size_t i = 0; i < n && r->n_stale < RULE_MAX_STALE; i++) {
-                const ProviderState *s = canonical(answers, n, i);
+static void collect_stale(const RuleInput *in, uint64_t epoch, RuleResult *r) {
+        for (size_t i = 0; i < in->n_answers && r->n_stale < RULE_MAX_STALE; i++) {
+                const ProviderState *s = canonical(in->answers, in->n_answers, i);
 
                 if (!s || s->role != NODE_ROLE_PRIMARY || s->epoch >= epoch)
                         continue;
@@ -280,16 +318,37 @@ static void collect_stale(const RuleAnswer *answers, size_t n, uint64_t epoch, R
         }
 }
 
-void rule_evaluate(const Committed *current, const RuleAnswer *answers, size_t n_answers, RuleResult *ret) {
+/* Rule 7, while the round is in flight: commit only what no missing answer
+ * can take back. Stale and conflict findings wait for the whole round. */
+static void evaluate_partial(const RuleInput *in, RuleResult *ret) {
+        Candidate best = {}, unconfirmed = {};
+
+        if (!best_candidate(in, &best, &unconfirmed))
+                return;
+        ret->supporters = best.supporters;
+        ret->cluster_size = best.cluster_size;
+        ret->answered = count_answered(in);
+        if (!best.by_primary || 2 * ret->answered <= best.cluster_size ||
+            any_dissent(in, best.epoch, best.primary_id))
+                return;
+        commit_from(ret, best.epoch, best.source, RULE_CONFIRMED_BY_PRIMARY);
+        ret->early = true;
+}
+
+void rule_evaluate(const RuleInput *in, RuleResult *ret) {
         Candidate best = {}, unconfirmed = {};
         const char *rival;
 
         *ret = (RuleResult){.verdict = RULE_KEEP};
 
-        if (best_candidate(current, answers, n_answers, &best, &unconfirmed)) {
+        if (in->partial) {
+                evaluate_partial(in, ret);
+                return;
+        }
+        if (best_candidate(in, &best, &unconfirmed)) {
                 ret->supporters = best.supporters;
                 ret->cluster_size = best.cluster_size;
-                rival = find_rival(answers, n_answers, best.epoch, best.primary_id);
+                rival = find_rival(in, best.epoch, best.primary_id);
                 if (rival) {
                         ret->verdict = RULE_CONFLICT;
                         set_conflict(ret, best.epoch, best.primary_id, rival);
@@ -301,10 +360,10 @@ void rule_evaluate(const Committed *current, const RuleAnswer *answers, size_t n
                 ret->supporters = unconfirmed.supporters;
                 ret->cluster_size = unconfirmed.cluster_size;
         }
+        ret->answered = count_answered(in);
 
         if (ret->verdict == RULE_KEEP)
-                check_same_pair(current, answers, n_answers, ret);
+                check_same_pair(in, ret);
 
-        collect_stale(answers, n_answers, ret->verdict == RULE_COMMIT ? ret->next.epoch : current->epoch,
-                      ret);
+        collect_stale(in, ret->verdict == RULE_COMMIT ? ret->next.epoch : in->current->epoch, ret);
 }

@@ -17,6 +17,20 @@ typedef struct RuleAnswer {
         const ProviderState *state; /* valid when ok */
 } RuleAnswer;
 
+/* Everything the rule looks at. */
+typedef struct RuleInput {
+        const Committed *current; /* the committed pair (epoch 0 when none) */
+        /* The committed Primary's latest `nodes` list, from the state file:
+         * the cluster a majority is counted in never shrinks below it. */
+        const NodeRef *known;
+        size_t n_known;
+        const RuleAnswer *answers;
+        size_t n_answers;
+        /* false while the round is in flight: only a decision that no
+         * missing answer can take back is made (rule 7). */
+        bool partial;
+} RuleInput;
+
 typedef enum RuleVerdict {
         RULE_KEEP,     /* nothing to commit */
         RULE_COMMIT,   /* commit `next` */
@@ -42,6 +56,8 @@ typedef struct RuleResult {
         Committed next;                    /* for RULE_COMMIT */
         bool broker_only;                  /* RULE_COMMIT of the same pair with new broker fields */
         unsigned supporters, cluster_size; /* majority arithmetic, for logs */
+        unsigned answered;                 /* cluster nodes that answered (rule 7) */
+        bool early;                        /* committed before the round ended (rule 7) */
 
         /* Nodes that answered role=primary below the (resulting) epoch. */
         RuleStale stale[RULE_MAX_STALE];
@@ -54,5 +70,10 @@ typedef struct RuleResult {
         char conflict_a[PROVIDER_ID_MAX + 1], conflict_b[PROVIDER_ID_MAX + 1];
 } RuleResult;
 
-/* Applies the rule. `current` is the committed pair (epoch 0 when none). */
-void rule_evaluate(const Committed *current, const RuleAnswer *answers, size_t n_answers, RuleResult *ret);
+/* Applies the rule to a whole round, or (in->partial) to the answers in
+ * hand while the round is in flight: then the verdict is RULE_COMMIT only
+ * when P' confirmed itself, a strict majority of the cluster has answered
+ * and no answer names another Primary at an epoch >= E' (rule 7), and
+ * RULE_KEEP otherwise, with no stale or conflict findings (the whole round
+ * reports those). */
+void rule_evaluate(const RuleInput *in, RuleResult *ret);

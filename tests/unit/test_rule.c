@@ -50,6 +50,8 @@ typedef struct Case {
         uint64_t conflict_epoch;           /* 0: no conflict */
         const char *conflict;              /* "a b", sorted */
         unsigned supporters, cluster_size; /* checked when cluster_size > 0 */
+        const char *known;                 /* the state file's nodes list, NULL: none */
+        bool partial;                      /* the round is still in flight (rule 7) */
 } Case;
 
 /* An answer; the optional rest are designated fields of Ans. */
@@ -312,6 +314,141 @@ static const Case cases[] = {
          .next_primary = "p1",
          .supporters = 2,
          .cluster_size = 3},
+        /* Rule 6: the cluster is never smaller than what the daemon knows. */
+        {.name = "rule 6: a lone Standby listing no nodes is one vote of three (defect 1)",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .ans = {A("p1", 'P', 7, "p1", .flags = FAIL), A("p2", 'S', 7, "p1", .flags = FAIL),
+                 A("p3", 'S', 8, "p2", .nodes = "")},
+         .verdict = RULE_KEEP,
+         .supporters = 1,
+         .cluster_size = 3},
+        {.name = "rule 6: a lone Standby listing only itself is one vote of three",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .ans = {A("p3", 'S', 8, "p2", .nodes = "p3")},
+         .verdict = RULE_KEEP,
+         .supporters = 1,
+         .cluster_size = 3},
+        {.name = "rule 6: two Standbys of a known four-node cluster are no majority",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N4,
+         .ans = {A("p3", 'S', 8, "p2"), A("p1", 'S', 8, "p2")},
+         .verdict = RULE_KEEP,
+         .supporters = 2,
+         .cluster_size = 4},
+        {.name = "rule 6: two Standbys of a known three-node cluster are a majority",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .ans = {A("p3", 'S', 8, "p2", .nodes = ""), A("p1", 'S', 8, "p2", .nodes = "")},
+         .verdict = RULE_COMMIT,
+         .confirmation = RULE_CONFIRMED_BY_MAJORITY,
+         .next_epoch = 8,
+         .next_primary = "p2",
+         .supporters = 2,
+         .cluster_size = 3},
+        {.name = "rule 6: a non-supporter's nodes list grows the cluster",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .ans = {A("p3", 'S', 8, "p2", .nodes = "p2 p3"), A("p1", 'S', 7, "p1", .nodes = "p1 p2 p3 p4 p5")},
+         .verdict = RULE_KEEP,
+         .supporters = 1,
+         .cluster_size = 5},
+        {.name = "rule 6: the load balancer's nodes list grows the cluster, it does not vote",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .ans = {A("p3", 'S', 8, "p2", .nodes = "p2 p3"), A("p4", 'S', 8, "p2", .nodes = N4, .flags = LB)},
+         .verdict = RULE_KEEP,
+         .supporters = 1,
+         .cluster_size = 4},
+
+        /* Rule 7: a round in flight decides when the answers in hand decide it. */
+        {.name = "rule 7: P' confirmed itself and 2 of 3 answered: commit before the round ends",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .partial = true,
+         .ans = {A("p2", 'P', 8, "p2"), A("p3", 'S', 8, "p2")},
+         .verdict = RULE_COMMIT,
+         .confirmation = RULE_CONFIRMED_BY_PRIMARY,
+         .next_epoch = 8,
+         .next_primary = "p2",
+         .supporters = 2,
+         .cluster_size = 3},
+        {.name = "rule 7: P' alone of three has answered: wait",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .partial = true,
+         .ans = {A("p2", 'P', 8, "p2")},
+         .verdict = RULE_KEEP},
+        {.name = "rule 7: an answer naming another Primary at E' holds the commit",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .partial = true,
+         .ans = {A("p2", 'P', 8, "p2"), A("p3", 'S', 8, "p1")},
+         .verdict = RULE_KEEP},
+        {.name = "rule 7: an answer at a higher epoch with another Primary holds the commit",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .partial = true,
+         .ans = {A("p2", 'P', 8, "p2"), A("p3", 'S', 9, "p3"), A("p1", 'S', 8, "p2")},
+         .verdict = RULE_KEEP},
+        {.name = "rule 7: a majority of Standbys alone waits for the whole round",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .partial = true,
+         .ans = {A("p1", 'S', 8, "p2"), A("p3", 'S', 8, "p2")},
+         .verdict = RULE_KEEP},
+        {.name = "rule 7: the load balancer's answer is no node's answer",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .partial = true,
+         .ans = {A("p2", 'P', 8, "p2"), A("p3", 'S', 8, "p2", .flags = LB)},
+         .verdict = RULE_KEEP},
+        {.name = "rule 7: two of a known four is no majority",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N4,
+         .partial = true,
+         .ans = {A("p2", 'P', 8, "p2"), A("p3", 'S', 8, "p2")},
+         .verdict = RULE_KEEP},
+        {.name = "rule 7: three of a known four commit",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N4,
+         .partial = true,
+         .ans = {A("p2", 'P', 8, "p2"), A("p3", 'S', 8, "p2"), A("p4", 'S', 8, "p2")},
+         .verdict = RULE_COMMIT,
+         .confirmation = RULE_CONFIRMED_BY_PRIMARY,
+         .next_epoch = 8,
+         .next_primary = "p2"},
+        {.name = "rule 7: a stale old Primary answering does not hold the commit; stale waits for the round",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .partial = true,
+         .ans = {A("p1", 'P', 7, "p1"), A("p2", 'P', 8, "p2")},
+         .verdict = RULE_COMMIT,
+         .confirmation = RULE_CONFIRMED_BY_PRIMARY,
+         .next_epoch = 8,
+         .next_primary = "p2"},
+        {.name = "rule 7: a failed read is no answer",
+         .cur_epoch = 7,
+         .cur_primary = "p1",
+         .known = N3,
+         .partial = true,
+         .ans = {A("p2", 'P', 8, "p2"), A("p3", 'S', 8, "p2", .flags = FAIL)},
+         .verdict = RULE_KEEP},
+
 };
 
 /* ---- building the inputs ---- */
@@ -411,7 +548,16 @@ static void run_case(void **st) {
                 };
         }
 
-        rule_evaluate(&cur, answers, n, &r);
+        ProviderState known = {};
+        if (c->known)
+                make_nodes(&known, c->known);
+        rule_evaluate(&(RuleInput){.current = &cur,
+                                   .known = known.nodes,
+                                   .n_known = known.n_nodes,
+                                   .answers = answers,
+                                   .n_answers = n,
+                                   .partial = c->partial},
+                      &r);
 
         assert_int_equal(r.verdict, c->verdict);
         if (c->verdict == RULE_COMMIT) {
@@ -456,7 +602,7 @@ static void test_order_independent(void **st) {
         for (size_t p = 0; p < ELEMENTSOF(perms); p++) {
                 for (size_t i = 0; i < 3; i++)
                         answers[i] = (RuleAnswer){.ok = true, .state = &states[perms[p][i]]};
-                rule_evaluate(&cur, answers, 3, &r);
+                rule_evaluate(&(RuleInput){.current = &cur, .answers = answers, .n_answers = 3}, &r);
                 assert_int_equal(r.verdict, RULE_COMMIT);
                 /* p1's newer answer (a Standby of p2 at 8) replaces its old one */
                 assert_int_equal(r.next.epoch, 8);
