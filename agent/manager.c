@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -20,6 +21,7 @@
 #include <time.h>
 
 #include "atomic_file.h"
+#include "lockfile.h"
 #include "log.h"
 #include "macro.h"
 
@@ -791,11 +793,27 @@ static int manager_reload_notify(Manager *m, const Config *old_cfg, const Config
 static int manager_reload(Manager *m) {
         char err[CONFIG_ERROR_MAX];
         Config *new_cfg = NULL, *old_cfg = m->config;
-        bool state_moved;
-        int r;
+        bool state_moved = false;
+        int r, new_lock = -1;
 
         (void) sd_notify(false, "RELOADING=1");
         r = config_load(old_cfg->path, &new_cfg, err, sizeof(err));
+        if (r >= 0 && strcmp(old_cfg->state_file, new_cfg->state_file) != 0) {
+                /* A moved state file is locked before anything uses it. */
+                char path[PATH_MAX];
+                pid_t holder = 0;
+
+                state_moved = true;
+                r = new_lock = lockfile_acquire(new_cfg->state_file, path, sizeof(path), &holder);
+                if (r < 0 && holder > 0)
+                        snprintf(err, sizeof(err),
+                                 "%s: [daemon] state_file %s is in use: lock %.200s is held by PID %ld",
+                                 new_cfg->path, new_cfg->state_file, path, (long) holder);
+                else if (r < 0)
+                        snprintf(err, sizeof(err),
+                                 "%s: [daemon] state_file %s cannot be locked (%.200s): %s", new_cfg->path,
+                                 new_cfg->state_file, path, strerror(-r));
+        }
         if (r >= 0) {
                 r = manager_reload_notify(m, old_cfg, new_cfg);
                 if (r < 0)
@@ -807,15 +825,20 @@ static int manager_reload(Manager *m) {
                 log_struct(LOG_ERR, 0, MID_CONFIG_REJECTED, &(LogFields){.reason = err},
                            "Configuration rejected, keeping the old one: %s", err);
                 config_free(new_cfg);
+                if (new_lock >= 0)
+                        close(new_lock);
                 (void) sd_notify(false, "READY=1");
                 return r;
+        }
+        if (state_moved) {
+                close(m->lock_fd);
+                m->lock_fd = new_lock;
         }
 
         m->config = new_cfg;
         log_setup(new_cfg->log_target, new_cfg->log_level);
         /* The backoff was computed from the old intervals. */
         m->fast_delay_usec = 0;
-        state_moved = strcmp(old_cfg->state_file, new_cfg->state_file) != 0;
 
         /* A round in flight is dropped and restarted below with the new
          * targets and token. */
@@ -867,6 +890,25 @@ static int manager_setup_watchdog(Manager *m) {
 }
 
 /* ---- lifetime ---- */
+
+/* One daemon per state file: a second one (or --once beside a daemon)
+ * could write an older epoch over a newer one. */
+static int manager_lock_state(Manager *m, const char *state_file, int *ret_fd) {
+        char path[PATH_MAX];
+        pid_t holder = 0;
+        int fd = lockfile_acquire(state_file, path, sizeof(path), &holder);
+
+        if (fd == -EWOULDBLOCK && holder > 0)
+                return log_error_errno(fd, "State file %s is in use: lock %.200s is held by PID %ld",
+                                       state_file, path, (long) holder);
+        if (fd == -EWOULDBLOCK)
+                return log_error_errno(fd, "State file %s is in use: lock %s is held by another process",
+                                       state_file, path);
+        if (fd < 0)
+                return log_error_errno(fd, "Cannot take the lock %s", path);
+        *ret_fd = fd;
+        return 0;
+}
 
 static int manager_load_state(Manager *m) {
         char err[256];
@@ -952,6 +994,7 @@ int manager_new(Config *config, bool once, Manager **ret) {
         }
         m->config = config;
         m->once = once;
+        m->lock_fd = -1;
         m->gate.state = config->update_enabled ? GATE_NONE : GATE_DISABLED;
         m->hint_tokens = HINT_BURST;
 
@@ -959,6 +1002,9 @@ int manager_new(Config *config, bool once, Manager **ret) {
         if (r < 0)
                 goto fail;
         r = manager_add_signals(m);
+        if (r < 0)
+                goto fail;
+        r = manager_lock_state(m, config->state_file, &m->lock_fd);
         if (r < 0)
                 goto fail;
         r = manager_load_state(m);
@@ -1007,6 +1053,8 @@ Manager *manager_free(Manager *m) {
         poller_free(m->poller);
         sd_event_unref(m->event);
         config_free(m->config);
+        if (m->lock_fd >= 0)
+                close(m->lock_fd);
         free(m);
         return NULL;
 }

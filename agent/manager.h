@@ -45,6 +45,7 @@ typedef struct Manager {
         Updater *updater;
 
         PersistentState state;
+        int lock_fd; /* the single-instance lock next to the state file */
 
         /* Round scheduling. */
         bool round_pending; /* a round is owed as soon as the current one ends */

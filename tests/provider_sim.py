@@ -98,6 +98,7 @@ class Node:
         self.last_primary_epoch = None  # last epoch at which it was primary
         # Behaviour.
         self.fail_mode = "none"
+        self.forge = None  # a hostile node: fields merged over its answers
         self.hang = False
         self.slow = 0.0
         self.lag = False
@@ -259,6 +260,15 @@ class _ControlHandler(_BaseHandler):
             self._reply(400, {"ok": False, "error": str(e)})
             return
         self._reply(200, {"ok": True, "result": result})
+
+
+def _merge(base, over):
+    """base with over's fields merged in: nested objects merged, anything
+    else replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _etag(body):
@@ -517,6 +527,8 @@ class ProviderSim:
         with self.lock:
             mode = n.fail_mode
             doc = self.document(n)
+            if n.forge:
+                doc = _merge(doc, n.forge)
         if mode == "500":
             self._count(n, entry, 500)
             h.send_all(500, b'{"error": "internal error"}\n')
@@ -703,6 +715,14 @@ class ProviderSim:
             self._node(node_id).fail_mode = mode
         return self.node_state(node_id)
 
+    def forge(self, node_id, doc=None):
+        """A hostile or broken node: doc's fields are merged over every
+        answer it gives (nested objects merged, anything else replaced);
+        None stops it."""
+        with self.lock:
+            self._node(node_id).forge = dict(doc) if doc else None
+        return self.node_state(node_id)
+
     def lag(self, node_id, on=True):
         with self.lock:
             n = self._node(node_id)
@@ -801,7 +821,7 @@ class ProviderSim:
         "promote": ("node", "event"), "kill": ("node",), "start": ("node",),
         "sync": ("node",), "revive_stale": ("node",), "conflict": ("node",),
         "hang": ("node", "on"), "slow": ("node", "seconds"), "fail": ("node", "mode"),
-        "lag": ("node", "on"), "set_version": ("node", "version", "event"),
+        "lag": ("node", "on"), "forge": ("node", "doc"), "set_version": ("node", "version", "event"),
         "offer_update": ("version", "data", "sha256", "size", "served", "event"),
         "withdraw_update": (), "drop_package": ("version",),
         "set_broker": ("node", "host", "port", "vhost", "tls"), "set_token": ("token",),

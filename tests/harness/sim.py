@@ -167,6 +167,9 @@ class Sim:
     def fail(self, node_id, mode):
         return self.call("fail", node=node_id, mode=str(mode))
 
+    def forge(self, node_id, doc=None):
+        return self.call("forge", node=node_id, doc=doc)
+
     def lag(self, node_id, on=True):
         return self.call("lag", node=node_id, on=on)
 
