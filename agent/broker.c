@@ -33,7 +33,6 @@
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
-#include <jansson.h>
 
 #include "broker.h"
 #include "log.h"
@@ -672,50 +671,6 @@ static void broker_lost_status(Broker *b, const char *what, int status) {
 
 /* ---- events ---- */
 
-static const char *json_str(json_t *o, const char *key) {
-        return json_string_value(json_object_get(o, key));
-}
-
-/* NULL when the body fits the routing key's row of contract section 4,
- * else what is wrong. Extra fields are allowed (newer Providers). */
-static const char *event_check(const char *key, json_t *o) {
-        if (streq_ptr(key, "provider.primary.changed")) {
-                json_t *e = json_object_get(o, "epoch");
-                if (!json_is_integer(e) || json_integer_value(e) < 1)
-                        return "epoch: not a positive integer";
-                if (!provider_id_valid(json_str(o, "primary_id")))
-                        return "primary_id: missing or invalid";
-                if (!provider_url_valid(json_str(o, "api_url")))
-                        return "api_url: missing or invalid";
-                return NULL;
-        }
-        if (streq_ptr(key, "provider.version.changed")) {
-                if (!provider_id_valid(json_str(o, "node_id")))
-                        return "node_id: missing or invalid";
-                if (!provider_version_valid(json_str(o, "version")))
-                        return "version: missing or invalid";
-                return NULL;
-        }
-        if (streq_ptr(key, "agent.update.available"))
-                return provider_version_valid(json_str(o, "version")) ? NULL : "version: missing or invalid";
-        return "unknown routing key";
-}
-
-const char *broker_event_check(const char *routing_key, const void *body, size_t len) {
-        json_error_t jerr;
-        const char *why;
-        json_t *o;
-
-        o = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
-        if (!o || !json_is_object(o)) {
-                json_decref(o);
-                return "body is not a JSON object";
-        }
-        why = event_check(routing_key, o);
-        json_decref(o);
-        return why;
-}
-
 /* Every event is only a hint to poll: report the known, well-formed ones,
  * drop the rest with a debug line. */
 static void broker_dispatch(Broker *b, const Delivery *d) {
@@ -725,7 +680,7 @@ static void broker_dispatch(Broker *b, const Delivery *d) {
                 log_debug("broker: ignoring event %s: body over %d bytes", d->routing_key, EVENT_BODY_MAX);
                 return;
         }
-        why = broker_event_check(d->routing_key, d->body, d->size);
+        why = provider_event_check(d->routing_key, d->body, d->size);
         if (why) {
                 log_debug("broker: ignoring event %s: %s", d->routing_key, why);
                 return;
