@@ -4,7 +4,13 @@
  * declares a server-named exclusive auto-delete queue bound to the events
  * exchange with provider.# and agent.#, consumes with acks, and reports
  * every well-formed event (provider_event_check(), as a hint) and every
- * loss. On loss it closes, backs off with jitter and reconnects by itself. */
+ * loss. On loss it closes, backs off with jitter and reconnects by itself.
+ *
+ * One thread besides the loop's, briefly: librabbitmq's connection setup
+ * blocks, and a blocking call must never stall synchronization, so each
+ * connection attempt runs on a short-lived worker thread (broker-connect.h)
+ * that hands the ready connection back to the loop. Callers see none of
+ * it: every callback below runs on the loop. */
 #pragma once
 
 #include <stdbool.h>
