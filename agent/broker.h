@@ -3,8 +3,14 @@
  * read without blocking, heartbeats are sent and checked on timers. It
  * declares a server-named exclusive auto-delete queue bound to the events
  * exchange with provider.# and agent.#, consumes with acks, and reports
- * every event (as a hint) and every loss. On loss it closes, backs off
- * with jitter and reconnects by itself. */
+ * every well-formed event (provider_event_check(), as a hint) and every
+ * loss. On loss it closes, backs off with jitter and reconnects by itself.
+ *
+ * One thread besides the loop's, briefly: librabbitmq's connection setup
+ * blocks, and a blocking call must never stall synchronization, so each
+ * connection attempt runs on a short-lived worker thread (broker-connect.h)
+ * that hands the ready connection back to the loop. Callers see none of
+ * it: every callback below runs on the loop. */
 #pragma once
 
 #include <stdbool.h>
@@ -42,8 +48,4 @@ int broker_reconfigure(Broker *b, const Config *cfg);
  * reported through state_changed. */
 int broker_set_target(Broker *b, const BrokerInfo *target);
 BrokerConnState broker_state(const Broker *b);
-/* NULL when body (len bytes, not NUL-terminated) is a well-formed event for
- * routing_key (a JSON object fitting its row of contract section 4), else
- * why not. Pure; broker_dispatch() uses it (bodies over 64 KiB never reach it). */
-const char *broker_event_check(const char *routing_key, const void *body, size_t len);
 const char *broker_conn_state_to_string(BrokerConnState s);

@@ -468,3 +468,49 @@ int provider_state_parse(const char *body, size_t len, ProviderState *ret, char 
         *ret = st;
         return 0;
 }
+
+/* ---- events (contract section 4): checked with the same field validators ---- */
+
+static const char *json_str(json_t *o, const char *key) {
+        return json_string_value(json_object_get(o, key));
+}
+
+/* NULL when the body fits the routing key's row of contract section 4,
+ * else what is wrong. Extra fields are allowed (newer Providers). */
+static const char *event_fields_check(const char *key, json_t *o) {
+        if (streq_ptr(key, "provider.primary.changed")) {
+                json_t *e = json_object_get(o, "epoch");
+                if (!json_is_integer(e) || json_integer_value(e) < 1)
+                        return "epoch: not a positive integer";
+                if (!provider_id_valid(json_str(o, "primary_id")))
+                        return "primary_id: missing or invalid";
+                if (!provider_url_valid(json_str(o, "api_url")))
+                        return "api_url: missing or invalid";
+                return NULL;
+        }
+        if (streq_ptr(key, "provider.version.changed")) {
+                if (!provider_id_valid(json_str(o, "node_id")))
+                        return "node_id: missing or invalid";
+                if (!provider_version_valid(json_str(o, "version")))
+                        return "version: missing or invalid";
+                return NULL;
+        }
+        if (streq_ptr(key, "agent.update.available"))
+                return provider_version_valid(json_str(o, "version")) ? NULL : "version: missing or invalid";
+        return "unknown routing key";
+}
+
+const char *provider_event_check(const char *routing_key, const void *body, size_t len) {
+        json_error_t jerr;
+        const char *why;
+        json_t *o;
+
+        o = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+        if (!o || !json_is_object(o)) {
+                json_decref(o);
+                return "body is not a JSON object";
+        }
+        why = event_fields_check(routing_key, o);
+        json_decref(o);
+        return why;
+}

@@ -65,3 +65,10 @@ bool provider_host_valid(const char *s); /* 1-253 chars, host name or address */
 bool provider_version_valid(const char *s);
 
 bool broker_info_equal(const BrokerInfo *a, const BrokerInfo *b);
+
+/* NULL when body (len bytes, not NUL-terminated) is a well-formed event for
+ * routing_key: a JSON object fitting its row of contract section 4 (extra
+ * fields allowed), else why not (a short static string). An unknown routing
+ * key is never well-formed. Pure; the broker drops (acks and ignores) what
+ * it rejects, and keeps bodies over 64 KiB from reaching it. */
+const char *provider_event_check(const char *routing_key, const void *body, size_t len);

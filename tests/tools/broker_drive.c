@@ -1,4 +1,5 @@
-/* broker_drive: agent/broker.c on its own sd-event loop, for tests.
+/* broker_drive: agent/broker.c (with its connection worker, broker-connect.c)
+ * on its own sd-event loop, for tests.
  *
  *   broker_drive [options] HOST PORT
  *     -v VHOST   (default /)          -x EXCHANGE (default dsm.provider.events)
