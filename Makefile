@@ -13,6 +13,7 @@ CC ?= cc
 PKG_CONFIG ?= pkg-config
 PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
+PYTEST_PATHS ?= tests/integration
 CHECK_FUZZ_TIME ?= 10
 
 LIBS_PKG := librabbitmq libcurl jansson libsystemd inih libmicrohttpd libssl libcrypto
@@ -87,7 +88,7 @@ unit: $(UNIT_TESTS)
 # The tests build packages with make themselves: they must not inherit this
 # make's variables (SANITIZE=1 would reach the .deb build through MAKEFLAGS).
 integration: all $(TOOLS)
-	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL DSM_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL DSM_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_PATHS) $(PYTEST_ARGS)
 
 # libFuzzer targets: tests/fuzz/fuzz_NAME.c + .deps, corpus in tests/fuzz/corpus/NAME/.
 FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
