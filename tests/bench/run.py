@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import sections  # noqa: E402
 
-SECTIONS = ("failover", "death", "idle", "notify", "fleet", "fleet_spread")
+SECTIONS = ("failover", "death", "vanished", "idle", "notify", "fleet", "fleet_spread")
 
 
 def parse_args(argv):
@@ -172,7 +172,7 @@ def main(argv=None):
                        "loadavg": open("/proc/loadavg").read().split()[0], "nofile": nofile[0]},
            "quick": opts.quick, "sections": {}, "targets": []}
     env = common.Env()
-    funcs = {"failover": sections.failover, "death": sections.primary_death, "idle": sections.idle,
+    funcs = {"failover": sections.failover, "death": sections.primary_death, "vanished": sections.vanished, "idle": sections.idle,
              "notify": sections.notify, "fleet": sections.fleet, "fleet_spread": sections.fleet_spread}
     failed = False
     try:

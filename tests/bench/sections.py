@@ -341,6 +341,61 @@ def idle(env, opts):
 
 # ----- 4. notify ---------------------------------------------------------------
 
+# ----- 2b. the Primary's host vanishes (rule 7) --------------------------------
+
+def vanished(env, opts):
+    """The Primary's host vanishes: its API accepts and never answers and its
+    broker is frozen (SIGSTOP: no RST, no FIN). The operator promotes the
+    next node and the Provider API notifies the agent. Measured: notify ->
+    settings rewritten. With request_timeout 5 s, only a round that decides
+    as soon as its answers decide it (rule 7) gets there in milliseconds."""
+    n = opts.deaths
+    env.start_brokers()
+    sim = env.start_sim("vanished")
+    cfg = {"provider": {"poll_interval": "30s", "fast_poll_interval": "500ms", "request_timeout": "5s"},
+           "broker": {"heartbeat": "2s"}}
+    frozen = None
+    try:
+        d, tail = _start_daemon(env, sim, "vanished", cfg)
+        conn = _notify_conn(d)
+        token = d.notify_token
+        lat = []
+        cur = sim.state()["primary_id"]
+        log("vanished host: %d iterations, request_timeout 5 s" % n)
+        for i in range(n):
+            nxt = next_node(cur)
+            cidx = NODES.index(cur) % len(env.brokers)
+            sim.hang(cur, True)
+            frozen = env.brokers[cidx]
+            frozen.sigstop()
+            ep = sim.promote(nxt, event=False)["epoch"]
+            tail.skip_to_end()
+            t0 = time.time()
+            if _post(conn, token) != 202:
+                raise RuntimeError("notify refused")
+            got = wait_log(tail, is_settings(ep), 15)
+            if got is None:
+                raise RuntimeError("vanished %d: no settings for %s\n%s" % (i, nxt, d.log_tail()))
+            lat.append(got[0] - t0)
+            # The host comes back as a caught-up Standby before the next turn.
+            frozen.sigcont()
+            frozen = None
+            sim.hang(cur, False)
+            sim.sync(cur)
+            cur = nxt
+            time.sleep(0.3)
+        res = {"iterations": n, "notify_to_settings_ms": summary(lat, 1000)}
+        res["targets"] = [target("vanished host: notify -> settings rewritten, p99",
+                                 res["notify_to_settings_ms"]["p99"], 50.0,
+                                 note="request_timeout 5 s; the issue's goal")]
+        return res
+    finally:
+        if frozen is not None:
+            frozen.sigcont()
+        env.stop_daemons()
+        env.stop_sim(sim)
+
+
 def _notify_conn(d):
     return http.client.HTTPConnection("127.0.0.1", d.notify_port, timeout=5)
 
