@@ -5,6 +5,7 @@ Stdlib + pytest only. Every subprocess has a timeout. The .deb is built once
 per session (packaging/build-deb.sh), which needs the daemon sources to build.
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -253,8 +254,12 @@ class Handover:
                         DSM_APPLY_ALLOWED_DIR=str(self.base), DSM_APPLY_INSTALL=str(self.installer),
                         DSM_APPLY_USER="nobody" if os.geteuid() == 0 else str(os.getuid()))
 
-    def client(self, *args, timeout="20"):
-        env = dict(self.env, DSM_APPLY_TIMEOUT=timeout)
+    def client(self, *args, timeout="20", sha256=None):
+        """apply-update as the daemon runs it: DSM_UPDATE_SHA256 is the
+        offer's sha256 (default: the package's own, an honest offer)."""
+        if sha256 is None:
+            sha256 = hashlib.sha256(self.pkg.read_bytes()).hexdigest()
+        env = dict(self.env, DSM_APPLY_TIMEOUT=timeout, DSM_UPDATE_SHA256=sha256)
         return subprocess.Popen([str(PKG / "apply-update"), *args], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -314,6 +319,30 @@ def test_handover_passes_the_installers_exit_status(shared_tmp):
     h.helper(FAKE_STATUS="3")
     rc, _ = _finish(p)
     assert rc == 3
+
+
+def test_handover_compares_with_the_offer_not_the_file(shared_tmp):
+    """A file that differs from the offer before the hand-off (a daemon
+    taken over, or a swapped download) is refused by the privileged side:
+    apply-update hands on the offer's sha256, never the file's own."""
+    h = Handover(shared_tmp)
+    offered = hashlib.sha256(b"the package the Provider offered").hexdigest()
+    p = h.client(str(h.pkg), "9.0.1", sha256=offered)
+    req = h.wait_request()
+    assert "sha256=%s\n" % offered in req
+    h.helper()
+    rc, _ = _finish(p)
+    assert rc == 65
+    assert not h.installed.exists()
+
+
+def test_handover_needs_the_offers_sha256(shared_tmp):
+    h = Handover(shared_tmp)
+    for bad in ("", "xyz", "A" * 64, "0" * 63):
+        p = h.client(str(h.pkg), "9.0.1", sha256=bad)
+        rc, err = _finish(p)
+        assert rc == 64 and "DSM_UPDATE_SHA256" in err, (bad, rc, err)
+    assert not (h.spool / "request").exists()
 
 
 def test_handover_rechecks_sha256(shared_tmp):
