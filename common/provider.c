@@ -131,6 +131,17 @@ static bool ipv6_literal_valid(const char *s, size_t n) {
         return inet_pton(AF_INET6, buf, &a) == 1;
 }
 
+/* An IPv6 literal may come as "[fd00::1]" or "fd00::1": one form inside
+ * the daemon (the settings file's and getaddrinfo()'s), without brackets. */
+static void unbracket(char *host) {
+        size_t n = strlen(host);
+
+        if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
+                memmove(host, host + 1, n - 2);
+                host[n - 2] = 0;
+        }
+}
+
 bool provider_host_valid(const char *s) {
         size_t n;
 
@@ -299,6 +310,7 @@ static int parse_broker(Parser *p, json_t *primary, BrokerInfo *b) {
         r = get_string(p, o, "host", "primary.broker.host", provider_host_valid, b->host, sizeof(b->host));
         if (r < 0)
                 return r;
+        unbracket(b->host);
         r = get_uint(p, o, "port", "primary.broker.port", 1, 65535, &port);
         if (r < 0)
                 return r;

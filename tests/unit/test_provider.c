@@ -160,7 +160,13 @@ static void test_limits_accepted(void **state) {
         assert_int_equal(parse_mutated("epoch", "9223372036854775807"), 0);
         assert_int_equal(parse_mutated("primary.broker.host", "\"10.0.0.1\""), 0);
         assert_int_equal(parse_mutated("primary.broker.host", "\"fd00::1\""), 0);
+        assert_string_equal(st.broker.host, "fd00::1");
+        /* Both forms of an IPv6 literal become one: no brackets (the form of
+         * the settings file and of getaddrinfo). */
         assert_int_equal(parse_mutated("primary.broker.host", "\"[fd00::1]\""), 0);
+        assert_string_equal(st.broker.host, "fd00::1");
+        assert_int_equal(parse_mutated("primary.broker.host", "\"[p1.example]\""), -EINVAL);
+        assert_int_equal(parse_mutated("primary.broker.host", "\"[]\""), -EINVAL);
         assert_int_equal(parse_mutated("primary.broker.host", "\"mq_1.example.\""), 0);
         assert_int_equal(parse_mutated("node.version", "\"9.0.1-rc1+build.5\""), 0);
         assert_int_equal(parse_mutated("primary.api_url", "\"http://10.0.0.1:8080/base\""), 0);
