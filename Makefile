@@ -40,7 +40,7 @@ AGENT_SRC := $(filter-out agent/main.c agent/ctl.c,$(sort $(wildcard agent/*.c))
 DAEMON_OBJ := $(patsubst %.c,$(BUILD)/%.o,agent/main.c $(AGENT_SRC) $(COMMON_SRC))
 # The control tool is built from its own object list and libraries (as
 # chrony builds chronyc): it reads the config and asks the daemon over HTTP.
-CTL_OBJ := $(patsubst %.c,$(BUILD)/%.o,agent/ctl.c common/config.c common/log.c common/util.c)
+CTL_OBJ := $(patsubst %.c,$(BUILD)/%.o,agent/ctl.c common/config.c common/config_values.c common/log.c common/util.c)
 CTL_LIBS_PKG := libcurl jansson inih libsystemd
 TOOLS_SRC := $(sort $(wildcard tests/tools/*.c))
 TOOLS := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(TOOLS_SRC))

@@ -3,27 +3,24 @@
  * inih does the INI syntax; this file does everything else. A custom reader
  * sits between the file and inih so that we know the line of every key
  * (Debian's inih 55 handler has no line argument), see section headers even
- * when the section is empty, and refuse NUL and control bytes. */
-#include <arpa/inet.h>
+ * when the section is empty, and refuse NUL and control bytes. The parsers
+ * of single values live in config_values.c; this file words their errors
+ * as FILE:LINE: message and checks what spans keys. */
 #include <ctype.h>
-#include <fcntl.h>
+#include <curl/curl.h>
 #include <ini.h>
-#include <limits.h>
 #include <math.h>
-#include <netinet/in.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
-#include <sys/stat.h>
 
 #include "config.h"
 #include "macro.h"
+#include "util.h"
 
 #define MAX_LINE               65536 /* longest accepted line, bytes */
 #define MAX_URL                2048  /* contract: URLs at most 2048 bytes */
-#define MAX_SECRET             4096  /* a token or password file, bytes */
 #define MAX_STABLE_ROUNDS      1000  /* more would hold updates forever */
-#define MAX_DURATION           (366ULL * 24 * 3600 * USEC_PER_SEC)
 #define DEFAULT_UPDATE_COMMAND "/usr/lib/dsm-agent-sync/apply-update"
 
 typedef enum KeyType {
@@ -156,273 +153,6 @@ static char *secret_free(char *s) {
         return NULL;
 }
 
-static char **argv_free(char **argv) {
-        if (!argv)
-                return NULL;
-        for (char **a = argv; *a; a++)
-                free(*a);
-        free(argv);
-        return NULL;
-}
-
-/* ---- value parsers shared with other modules ---- */
-
-int parse_duration(const char *s, usec_t *ret) {
-        static const struct {
-                const char *suffix;
-                uint64_t mult;
-        } units[] = {
-                {"ms", USEC_PER_MSEC},      {"s", USEC_PER_SEC}, {"m", 60 * USEC_PER_SEC},
-                {"h", 3600 * USEC_PER_SEC}, {"", USEC_PER_SEC},
-        };
-        unsigned long long v;
-        char *end;
-
-        if (!s || !isdigit((unsigned char) s[0])) /* also refuses "-1", " 1", "" */
-                return -EINVAL;
-        errno = 0;
-        v = strtoull(s, &end, 10);
-        if (errno == ERANGE)
-                return -ERANGE;
-        for (size_t i = 0; i < ELEMENTSOF(units); i++) {
-                if (!streq_ptr(end, units[i].suffix))
-                        continue;
-                if (v > MAX_DURATION / units[i].mult)
-                        return -ERANGE;
-                *ret = v * units[i].mult;
-                return 0;
-        }
-        return -EINVAL;
-}
-
-static int parse_port(const char *s, uint16_t *ret) {
-        unsigned long v;
-        char *end;
-
-        if (!isdigit((unsigned char) s[0]) || strlen(s) > 5)
-                return -EINVAL;
-        v = strtoul(s, &end, 10);
-        if (*end || v > 65535)
-                return -EINVAL;
-        *ret = (uint16_t) v;
-        return 0;
-}
-
-int parse_listen_address(const char *s, struct sockaddr_storage *ret, socklen_t *ret_len) {
-        char host[INET6_ADDRSTRLEN + 2];
-        const char *colon;
-        uint16_t port;
-        size_t n;
-
-        if (!s)
-                return -EINVAL;
-        colon = strrchr(s, ':');
-        if (!colon || parse_port(colon + 1, &port) < 0)
-                return -EINVAL;
-        n = (size_t) (colon - s);
-        if (n == 0 || n >= sizeof(host))
-                return -EINVAL;
-        memcpy(host, s, n);
-        host[n] = 0;
-
-        memset(ret, 0, sizeof(*ret));
-        if (host[0] == '[') {
-                struct sockaddr_in6 *sa6 = (struct sockaddr_in6 *) ret;
-
-                if (n < 3 || host[n - 1] != ']')
-                        return -EINVAL;
-                host[n - 1] = 0;
-                if (inet_pton(AF_INET6, host + 1, &sa6->sin6_addr) != 1)
-                        return -EINVAL;
-                sa6->sin6_family = AF_INET6;
-                sa6->sin6_port = htons(port);
-                *ret_len = sizeof(*sa6);
-        } else {
-                struct sockaddr_in *sa4 = (struct sockaddr_in *) ret;
-
-                if (inet_pton(AF_INET, host, &sa4->sin_addr) != 1)
-                        return -EINVAL;
-                sa4->sin_family = AF_INET;
-                sa4->sin_port = htons(port);
-                *ret_len = sizeof(*sa4);
-        }
-        return 0;
-}
-
-int parse_cidr(const char *s, Cidr *ret) {
-        char addr[INET6_ADDRSTRLEN];
-        const char *slash;
-        unsigned long maxlen, len;
-        Cidr c = {};
-        size_t n;
-
-        if (!s)
-                return -EINVAL;
-        slash = strchr(s, '/');
-        n = slash ? (size_t) (slash - s) : strlen(s);
-        if (n == 0 || n >= sizeof(addr))
-                return -EINVAL;
-        memcpy(addr, s, n);
-        addr[n] = 0;
-
-        if (inet_pton(AF_INET, addr, c.addr) == 1) {
-                c.family = AF_INET;
-                maxlen = 32;
-        } else if (inet_pton(AF_INET6, addr, c.addr) == 1) {
-                c.family = AF_INET6;
-                maxlen = 128;
-        } else
-                return -EINVAL;
-
-        len = maxlen;
-        if (slash) {
-                char *end;
-
-                if (!isdigit((unsigned char) slash[1]) || strlen(slash + 1) > 3)
-                        return -EINVAL;
-                len = strtoul(slash + 1, &end, 10);
-                if (*end || len > maxlen)
-                        return -EINVAL;
-        }
-        c.prefixlen = (unsigned) len;
-
-        /* Keep the network address only, so matching is a plain compare. */
-        for (unsigned bit = c.prefixlen; bit < maxlen; bit++)
-                c.addr[bit / 8] &= (uint8_t) ~(0x80u >> (bit % 8));
-        *ret = c;
-        return 0;
-}
-
-static bool cidr_match(const Cidr *c, int family, const uint8_t *addr) {
-        unsigned full = c->prefixlen / 8, rest = c->prefixlen % 8;
-
-        if (c->family != family)
-                return false;
-        if (memcmp(c->addr, addr, full) != 0)
-                return false;
-        if (rest == 0)
-                return true;
-        return ((c->addr[full] ^ addr[full]) & (uint8_t) (0xff00u >> rest)) == 0;
-}
-
-bool cidr_list_contains(const Cidr *list, size_t n, const struct sockaddr *sa) {
-        static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-        uint8_t v4[4], v6[16];
-        bool have_v4 = false, have_v6 = false;
-
-        if (!sa)
-                return false;
-        if (sa->sa_family == AF_INET) {
-                memcpy(v4, &((const struct sockaddr_in *) sa)->sin_addr, 4);
-                memcpy(v6, v4mapped, 12);
-                memcpy(v6 + 12, v4, 4);
-                have_v4 = have_v6 = true;
-        } else if (sa->sa_family == AF_INET6) {
-                memcpy(v6, &((const struct sockaddr_in6 *) sa)->sin6_addr, 16);
-                have_v6 = true;
-                /* A dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d. */
-                if (memcmp(v6, v4mapped, 12) == 0) {
-                        memcpy(v4, v6 + 12, 4);
-                        have_v4 = true;
-                }
-        } else
-                return false;
-
-        for (size_t i = 0; i < n; i++)
-                if ((have_v4 && cidr_match(&list[i], AF_INET, v4)) ||
-                    (have_v6 && cidr_match(&list[i], AF_INET6, v6)))
-                        return true;
-        return false;
-}
-
-/* ---- helpers for the keys ---- */
-
-static int split_argv(const char *s, char ***ret) {
-        char **argv;
-        size_t n = 0;
-
-        argv = calloc(CONFIG_MAX_ARGV + 1, sizeof(char *));
-        if (!argv)
-                return -ENOMEM;
-        while (*s) {
-                size_t len;
-
-                if (isspace((unsigned char) *s)) {
-                        s++;
-                        continue;
-                }
-                if (n == CONFIG_MAX_ARGV) {
-                        argv_free(argv);
-                        return -E2BIG;
-                }
-                len = strcspn(s, " \t\r\n\v\f");
-                argv[n] = strndup(s, len);
-                if (!argv[n++]) {
-                        argv_free(argv);
-                        return -ENOMEM;
-                }
-                s += len;
-        }
-        if (n == 0) {
-                free(argv);
-                *ret = NULL;
-                return 0;
-        }
-        *ret = argv;
-        return 0;
-}
-
-/* Reads the first line of a secret file; refuses an empty one. The secret
- * never reaches an error message. */
-static int read_secret(const char *path, char **ret) {
-        _cleanup_(closep) int fd = -1;
-        char buf[MAX_SECRET + 1];
-        size_t n = 0;
-        struct stat st;
-
-        /* O_NONBLOCK: a FIFO named as a secret must not hang a reload. */
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-        if (fd < 0)
-                return negative_errno();
-        if (fstat(fd, &st) < 0)
-                return negative_errno();
-        if (!S_ISREG(st.st_mode))
-                return -EINVAL;
-        while (n < sizeof(buf) - 1) {
-                ssize_t k = read(fd, buf + n, sizeof(buf) - 1 - n);
-
-                if (k < 0 && errno == EINTR)
-                        continue;
-                if (k < 0) {
-                        explicit_bzero(buf, sizeof(buf));
-                        return negative_errno();
-                }
-                if (k == 0)
-                        break;
-                n += (size_t) k;
-        }
-        buf[n] = 0;
-        /* A first line that does not end within the limit, or holds a NUL,
-         * would be silently cut: a wrong secret is worse than an error. */
-        const char *nl = memchr(buf, '\n', n);
-        size_t line = nl ? (size_t) (nl - buf) : n;
-        if ((!nl && n == sizeof(buf) - 1) || memchr(buf, 0, line)) {
-                explicit_bzero(buf, sizeof(buf));
-                return nl || n < sizeof(buf) - 1 ? -EINVAL : -E2BIG;
-        }
-        buf[line] = 0;
-        n = strlen(buf);
-        while (n > 0 && isspace((unsigned char) buf[n - 1]))
-                buf[--n] = 0;
-        if (n == 0) {
-                explicit_bzero(buf, sizeof(buf));
-                return -ENODATA;
-        }
-        *ret = strdup(buf);
-        explicit_bzero(buf, sizeof(buf));
-        return *ret ? 0 : -ENOMEM;
-}
-
 static int set_string(Parser *p, char **dst, const char *value) {
         char *s = NULL;
 
@@ -436,26 +166,92 @@ static int set_string(Parser *p, char **dst, const char *value) {
         return 0;
 }
 
-/* Validates one URL in place (strips trailing '/'); 0 or an error. */
+/* The URL for an error message, with a user name and password (of a URL
+ * that may be invalid otherwise) replaced by "***": a secret pasted into a
+ * URL must not reach the log. */
+static const char *url_shown(const char *url, char *buf, size_t size) {
+        const char *auth = strstr(url, "://"), *at;
+
+        auth = auth ? auth + 3 : url;
+        at = memrchr(auth, '@', strcspn(auth, "/?#"));
+        if (!at)
+                return url;
+        snprintf(buf, size, "%.*s***%s", (int) (auth - url), url, at);
+        return buf;
+}
+
+/* Validates one URL in place (strips trailing '/'); 0 or an error.
+ * libcurl's URL parser judges host and port; the scheme must be written
+ * out with "//" and the host right after it (libcurl would also take
+ * "https:/h" and "https:///h", and guess what was meant). */
 static int check_url(Parser *p, const char *key, char *url) {
         size_t n = strlen(url);
         size_t scheme = strncasecmp(url, "https://", 8) == 0  ? 8
                         : strncasecmp(url, "http://", 7) == 0 ? 7
                                                               : 0;
         const char *host = url + scheme;
+        char buf[128];
+        UrlInfo info;
+        int r;
 
         while (n > scheme && url[n - 1] == '/')
                 url[--n] = 0;
         if (n > MAX_URL)
                 return fail(p, p->line, -EINVAL, "%s: URL longer than %d bytes", key, MAX_URL);
         if (has_space_or_control(url))
-                return fail(p, p->line, -EINVAL, "%s: URL '%.80s' contains whitespace", key, url);
+                return fail(p, p->line, -EINVAL, "%s: URL '%.80s' contains whitespace", key,
+                            url_shown(url, buf, sizeof(buf)));
         if (scheme == 0)
                 return fail(p, p->line, -EINVAL, "%s: URL '%.80s' must start with http:// or https://", key,
-                            url);
+                            url_shown(url, buf, sizeof(buf)));
+        r = url_inspect(url, &info);
+        /* Contract section 2: secrets come from files, never from the INI. */
+        if (r >= 0 && info.has_userinfo)
+                return fail(p, p->line, -EINVAL,
+                            "%s: URL '%.80s' contains credentials (user@ or user:password@); the "
+                            "Provider token comes from token_file",
+                            key, url_shown(url, buf, sizeof(buf)));
         if (*host == 0 || *host == '/' || *host == ':')
-                return fail(p, p->line, -EINVAL, "%s: URL '%.80s' has no host", key, url);
+                return fail(p, p->line, -EINVAL, "%s: URL '%.80s' has no host", key,
+                            url_shown(url, buf, sizeof(buf)));
+        if (r < 0)
+                return fail(p, p->line, -EINVAL, "%s: URL '%.80s' has an invalid host or port", key,
+                            url_shown(url, buf, sizeof(buf)));
         return 0;
+}
+
+/* Path and query of a valid URL as libcurl normalises them, without
+ * trailing '/'; NULL when out of memory. */
+static char *url_path_query(const char *url) {
+        CURLU *h = curl_url();
+        char *path = NULL, *query = NULL, *ret = NULL;
+
+        if (h && curl_url_set(h, CURLUPART_URL, url, 0) == CURLUE_OK &&
+            curl_url_get(h, CURLUPART_PATH, &path, 0) == CURLUE_OK) {
+                size_t n = strlen(path);
+
+                while (n > 0 && path[n - 1] == '/')
+                        n--;
+                (void) curl_url_get(h, CURLUPART_QUERY, &query, 0);
+                if (asprintf(&ret, "%.*s%s%s", (int) n, path, query ? "?" : "", query ?: "") < 0)
+                        ret = NULL;
+        }
+        curl_free(path);
+        curl_free(query);
+        curl_url_cleanup(h);
+        return ret;
+}
+
+/* The same place, however written: scheme and host in any letter case,
+ * the port implied or explicit, with or without a trailing '/'. */
+static bool url_same_target(const char *a, const char *b) {
+        _cleanup_(freep) char *pa = NULL, *pb = NULL;
+
+        if (!url_same_origin(a, b))
+                return false;
+        pa = url_path_query(a);
+        pb = url_path_query(b);
+        return pa && pb && strcmp(pa, pb) == 0;
 }
 
 /* Calls fn for every comma-separated element, trimmed; refuses empty ones. */
@@ -491,7 +287,7 @@ static int add_endpoint(Parser *p, char *url) {
         if (c->n_endpoints >= CONFIG_MAX_ENDPOINTS)
                 return fail(p, p->line, -EINVAL, "endpoints: more than %d URLs", CONFIG_MAX_ENDPOINTS);
         for (size_t i = 0; i < c->n_endpoints; i++)
-                if (strcasecmp(c->endpoints[i], url) == 0)
+                if (url_same_target(c->endpoints[i], url))
                         return fail(p, p->line, -EINVAL, "endpoints: '%.80s' listed twice", url);
         c->endpoints[c->n_endpoints] = strdup(url);
         if (!c->endpoints[c->n_endpoints])
@@ -513,35 +309,7 @@ static int add_allow(Parser *p, char *item) {
         return 0;
 }
 
-static int parse_bool(const char *s) {
-        static const char *const yes[] = {"true", "yes", "1", "on"};
-        static const char *const no[] = {"false", "no", "0", "off"};
-
-        for (size_t i = 0; i < ELEMENTSOF(yes); i++) {
-                if (strcasecmp(s, yes[i]) == 0)
-                        return 1;
-                if (strcasecmp(s, no[i]) == 0)
-                        return 0;
-        }
-        return -EINVAL;
-}
-
-/* "HH:MM" into minutes after midnight. */
-static int parse_hhmm(const char *s, unsigned *ret) {
-        unsigned h, m;
-
-        if (!isdigit((unsigned char) s[0]) || !isdigit((unsigned char) s[1]) || s[2] != ':' ||
-            !isdigit((unsigned char) s[3]) || !isdigit((unsigned char) s[4]))
-                return -EINVAL;
-        h = (unsigned) (s[0] - '0') * 10 + (unsigned) (s[1] - '0');
-        m = (unsigned) (s[3] - '0') * 10 + (unsigned) (s[4] - '0');
-        if (h > 23 || m > 59)
-                return -EINVAL;
-        *ret = h * 60 + m;
-        return 0;
-}
-
-static int parse_window(Parser *p, const char *value) {
+static int parse_window_key(Parser *p, const char *value) {
         Config *c = p->c;
         unsigned start, end;
 
@@ -549,8 +317,7 @@ static int parse_window(Parser *p, const char *value) {
                 c->window_set = false;
                 return set_string(p, &c->window, NULL);
         }
-        if (strlen(value) != 11 || value[5] != '-' || parse_hhmm(value, &start) < 0 ||
-            parse_hhmm(value + 6, &end) < 0)
+        if (parse_window(value, &start, &end) < 0)
                 return fail(p, p->line, -EINVAL, "window: '%.40s' is not HH:MM-HH:MM", value);
         if (start == end)
                 return fail(p, p->line, -EINVAL, "window: start and end are equal (%.40s)", value);
@@ -575,47 +342,19 @@ static int parse_listen(Parser *p, const char *value) {
         return set_string(p, &c->notify_listen, value);
 }
 
-static int parse_log_level(const char *s) {
-        static const struct {
-                const char *name;
-                int prio;
-        } levels[] = {
-                {"debug", LOG_DEBUG},     {"info", LOG_INFO}, {"notice", LOG_NOTICE},
-                {"warning", LOG_WARNING}, {"err", LOG_ERR},
-        };
-
-        for (size_t i = 0; i < ELEMENTSOF(levels); i++)
-                if (strcmp(s, levels[i].name) == 0)
-                        return levels[i].prio;
-        return -EINVAL;
-}
-
-static int parse_mode(const char *s, mode_t *ret) {
-        unsigned long v;
-        char *end;
-
-        if (*s == 0 || strspn(s, "01234567") != strlen(s) || strlen(s) > 5)
-                return -EINVAL;
-        v = strtoul(s, &end, 8);
-        if (*end || v > 07777)
-                return -EINVAL;
-        *ret = (mode_t) v;
-        return 0;
-}
-
 static int parse_secret_key(Parser *p, const KeyDef *k, const char *value) {
         char **path = field(p->c, k->offset), **secret = field(p->c, k->offset2);
         char *s = NULL;
         int r;
 
         if (*value) {
-                r = read_secret(value, &s);
+                r = read_secret_file(value, &s);
                 if (r == -ENODATA)
                         return fail(p, p->line, -EINVAL, "%s: secret file %s is empty", k->name, value);
                 if (r == -E2BIG)
                         return fail(p, p->line, -EINVAL,
                                     "%s: secret file %s: first line longer than %d bytes", k->name, value,
-                                    MAX_SECRET);
+                                    CONFIG_MAX_SECRET);
                 if (r < 0)
                         return fail(p, p->line, r, "%s: cannot read secret file %s: %s", k->name, value,
                                     strerror(-r));
@@ -655,17 +394,17 @@ static int parse_argv_key(Parser *p, const KeyDef *k, const char *value) {
         char ***dst = field(p->c, k->offset), **argv = NULL;
         int r;
 
-        r = split_argv(value, &argv);
+        r = parse_argv(value, &argv);
         if (r == -E2BIG)
                 return fail(p, p->line, -EINVAL, "%s: more than %d arguments", k->name, CONFIG_MAX_ARGV);
         if (r < 0)
                 return fail(p, p->line, r, "out of memory");
         /* Run without a shell and without a PATH search: say exactly what. */
         if (argv && argv[0][0] != '/') {
-                argv_free(argv);
+                strv_free(argv);
                 return fail(p, p->line, -EINVAL, "%s: program must be an absolute path", k->name);
         }
-        argv_free(*dst);
+        strv_free(*dst);
         *dst = argv;
         return 0;
 }
@@ -712,11 +451,18 @@ static int parse_scalar_key(Parser *p, const KeyDef *k, const char *value) {
                 return 0;
         }
         case KEY_LOG_LEVEL:
-                r = parse_log_level(value);
-                if (r < 0)
-                        return fail(p, p->line, -EINVAL,
-                                    "%s: '%.40s' is not one of debug, info, notice, warning, err", k->name,
-                                    value);
+                r = log_level_from_string(value);
+                if (r < 0) {
+                        char names[64];
+                        size_t pos = 0;
+
+                        /* The names log_level_from_string() takes, most verbose first. */
+                        for (int i = LOG_DEBUG; i >= LOG_ERR; i--)
+                                pos += (size_t) snprintf(names + pos, sizeof(names) - pos, "%s%s",
+                                                         log_priority_to_string(i), i > LOG_ERR ? ", " : "");
+                        return fail(p, p->line, -EINVAL, "%s: '%.40s' is not one of %s", k->name, value,
+                                    names);
+                }
                 c->log_level = r;
                 return 0;
         case KEY_LOG_TARGET:
@@ -777,7 +523,7 @@ static int parse_key(Parser *p, const KeyDef *k, const char *value) {
                                     "allow: empty (use listen = off to refuse everyone)");
                 return for_each_item(p, k->name, value, add_allow);
         case KEY_WINDOW:
-                return parse_window(p, value);
+                return parse_window_key(p, value);
         default:
                 return parse_scalar_key(p, k, value);
         }
@@ -892,7 +638,7 @@ static int set_defaults(Config *c) {
             !(c->download_dir = strdup("/var/lib/dsm-agent-sync/updates")) ||
             !(c->state_file = strdup("/var/lib/dsm-agent-sync/state.json")))
                 return -ENOMEM;
-        return split_argv(DEFAULT_UPDATE_COMMAND, &c->update_command_argv);
+        return parse_argv(DEFAULT_UPDATE_COMMAND, &c->update_command_argv);
 }
 
 static unsigned seen_line(const Parser *p, const char *section, const char *name) {
@@ -908,6 +654,14 @@ static int validate(Parser *p) {
 
         if (c->n_endpoints == 0 && !c->load_balancer)
                 return fail(p, 0, -EINVAL, "[provider] needs endpoints or load_balancer");
+        /* The load balancer answers from any node: counted as a node it
+         * would cast a vote of whichever node it reached. */
+        for (size_t i = 0; c->load_balancer && i < c->n_endpoints; i++)
+                if (url_same_target(c->load_balancer, c->endpoints[i]))
+                        return fail(p, seen_line(p, "provider", "load_balancer"), -EINVAL,
+                                    "load_balancer '%.80s' is also in endpoints ('%.80s'); discovery "
+                                    "through a load balancer must not count as a node",
+                                    c->load_balancer, c->endpoints[i]);
         if (c->fast_poll_interval > c->poll_interval) {
                 unsigned line = seen_line(p, "provider", "fast_poll_interval");
                 return fail(p, line ? line : seen_line(p, "provider", "poll_interval"), -EINVAL,
@@ -1006,7 +760,7 @@ Config *config_free(Config *c) {
         free(c->exchange);
         free(c->broker_ca_file);
         free(c->settings_file);
-        argv_free(c->on_change_argv);
+        strv_free(c->on_change_argv);
         free(c->notify_listen);
         secret_free(c->notify_token);
         free(c->notify_token_file);
@@ -1015,7 +769,7 @@ Config *config_free(Config *c) {
         free(c->window);
         free(c->agent_version_file);
         free(c->download_dir);
-        argv_free(c->update_command_argv);
+        strv_free(c->update_command_argv);
         free(c->state_file);
         free(c);
         return NULL;

@@ -32,14 +32,11 @@ const char *log_priority_to_string(int priority) {
         return priority_names[priority];
 }
 
-int log_priority_from_string(const char *s) {
-        for (int i = 0; i <= LOG_DEBUG; i++)
+/* A threshold below err would hide errors, so only err to debug name one. */
+int log_level_from_string(const char *s) {
+        for (int i = LOG_ERR; s && i <= LOG_DEBUG; i++)
                 if (strcmp(s, priority_names[i]) == 0)
                         return i;
-        if (strcmp(s, "error") == 0)
-                return LOG_ERR;
-        if (strcmp(s, "warn") == 0)
-                return LOG_WARNING;
         return -EINVAL;
 }
 
@@ -73,14 +70,6 @@ void log_setup(LogTarget target, int priority) {
 
 bool log_is_journal(void) {
         return use_journal;
-}
-
-void log_set_max_priority(int priority) {
-        max_priority = priority;
-}
-
-int log_get_max_priority(void) {
-        return max_priority;
 }
 
 /* Appends ` key=value` to buf. Values with spaces, quotes, '=' or control

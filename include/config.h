@@ -15,6 +15,7 @@
 #define CONFIG_MAX_ALLOW     32
 #define CONFIG_MAX_ARGV      32
 #define CONFIG_ERROR_MAX     512
+#define CONFIG_MAX_SECRET    4096 /* a token or password file, bytes */
 
 typedef uint64_t usec_t;
 
@@ -95,13 +96,32 @@ typedef struct Config {
 int config_load(const char *path, Config **ret, char *err, size_t errlen);
 Config *config_free(Config *c);
 
+/* ---- value parsers (common/config_values.c) ---- */
+
 /* "30s", "500ms", "5m", "1h", "10" (seconds); integers only. -EINVAL on
  * garbage, -ERANGE above 366 days (so now + duration never overflows). */
 int parse_duration(const char *s, usec_t *ret);
-/* "10.0.0.0/8", "::1", "192.168.1.1" (a host is a /32 or /128). */
+/* "10.0.0.0/8", "::1", "192.168.1.1" (a host is a /32 or /128). An
+ * IPv4-mapped network ("::ffff:10.0.0.0/104") becomes the IPv4 one. */
 int parse_cidr(const char *s, Cidr *ret);
 /* "0.0.0.0:8631", "[::]:8631", "127.0.0.1:0". */
 int parse_listen_address(const char *s, struct sockaddr_storage *ret, socklen_t *ret_len);
-/* True when addr (AF_INET/AF_INET6, v4-mapped v6 matches v4 rules) is in
- * one of the allowed networks. */
+/* True when addr (AF_INET/AF_INET6) is in one of the allowed networks of
+ * its own family (contract section 2): an IPv4 peer, also one a dual-stack
+ * socket shows as ::ffff:a.b.c.d, matches IPv4 entries only, an IPv6 peer
+ * IPv6 entries only ("::/0" admits no IPv4 peer). */
 bool cidr_list_contains(const Cidr *list, size_t n, const struct sockaddr *addr);
+/* Splits s on whitespace into a NULL-terminated vector (strv_free), or
+ * NULL when s holds no word; -E2BIG above CONFIG_MAX_ARGV words. */
+int parse_argv(const char *s, char ***ret);
+/* true/yes/1/on -> 1, false/no/0/off -> 0 (any case); else -EINVAL. */
+int parse_bool(const char *s);
+/* An octal mode up to 07777 ("640", "0640"). */
+int parse_mode(const char *s, mode_t *ret);
+/* "HH:MM-HH:MM" into minutes after midnight (start may equal end here). */
+int parse_window(const char *s, unsigned *ret_start, unsigned *ret_end);
+/* The first line of a regular file, trailing whitespace cut: -ENODATA when
+ * empty, -E2BIG when longer than CONFIG_MAX_SECRET, -EINVAL for a NUL in
+ * it or a file that is not regular (a FIFO must not hang a reload). The
+ * caller wipes and frees *ret. */
+int read_secret_file(const char *path, char **ret);

@@ -44,10 +44,8 @@ typedef struct LogFields {
 /* Chooses the target (auto: the journal when stderr is connected to it,
  * i.e. JOURNAL_STREAM matches, else stderr) and the maximum priority. */
 void log_setup(LogTarget target, int max_priority);
-void log_set_max_priority(int max_priority);
 /* True when entries go to the journal. */
 bool log_is_journal(void);
-int log_get_max_priority(void);
 
 /* Logs one entry. message_id and fields may be NULL. Returns -errno
  * reduced to a useful value: always negative when err != 0, so that
@@ -68,6 +66,9 @@ int log_structv(int priority, int err, const char *message_id, const LogFields *
 #define log_error_errno(r, ...)   log_struct(LOG_ERR, (r), NULL, NULL, __VA_ARGS__)
 #define log_debug_errno(r, ...)   log_struct(LOG_DEBUG, (r), NULL, NULL, __VA_ARGS__)
 
-/* Name of a syslog priority ("info") and back; -EINVAL for unknown names. */
+/* Name of a syslog priority ("info"). */
 const char *log_priority_to_string(int priority);
-int log_priority_from_string(const char *s);
+/* The priority of a log level name of the config's log_level: one of the
+ * names above from LOG_ERR ("err") to LOG_DEBUG ("debug"); -EINVAL for
+ * anything else. */
+int log_level_from_string(const char *s);

@@ -113,6 +113,8 @@ static const KeyCase good_keys[] = {
         {"provider", "endpoints", "", NULL},
         {"provider", "load_balancer", "https://dsm.example:8443/", NULL},
         {"provider", "load_balancer", "HTTPS://dsm.example", NULL},
+        {"provider", "load_balancer", "https://[fd00::1]:8443/api", NULL},
+        {"provider", "endpoints", "https://a, https://a:8443, http://a, https://a/x, https://a/y", NULL},
         {"provider", "token_file", "", NULL},
         {"provider", "ca_file", "/etc/ssl/ca.pem", NULL},
         {"provider", "ca_file", "", NULL},
@@ -189,6 +191,14 @@ static const KeyCase bad_keys[] = {
         {"provider", "endpoints", "https://a, https://a/", "twice"},
         {"provider", "endpoints", "https://", "no host"},
         {"provider", "endpoints", "https:///path", "no host"},
+        {"provider", "endpoints", "https:/a", "http"},
+        {"provider", "endpoints", "https://a:99999", "invalid host or port"},
+        {"provider", "endpoints", "https://a:0", "invalid host or port"},
+        {"provider", "endpoints", "http://[::1", "invalid host or port"},
+        {"provider", "endpoints", "https://a, HTTPS://A:443/", "twice"},
+        {"provider", "endpoints", "http://a:80/x/, http://A/x", "twice"},
+        {"provider", "endpoints", "http://agent:pw@host", "credentials"},
+        {"provider", "load_balancer", "https://agent@dsm.example", "credentials"},
         {"provider", "load_balancer", "dsm.example", "http"},
         {"provider", "load_balancer", "https://a\tb", "whitespace"},
         {"provider", "token_file", "/nonexistent/provider.token", "/nonexistent/provider.token"},
@@ -261,6 +271,8 @@ static const KeyCase bad_keys[] = {
         {"daemon", "state_file", "", "empty"},
         {"daemon", "log_level", "warn", "debug, info"},
         {"daemon", "log_level", "INFO", "debug, info"},
+        {"daemon", "log_level", "error", "debug, info, notice, warning, err"},
+        {"daemon", "log_level", "crit", "debug, info, notice, warning, err"},
         {"daemon", "log_target", "syslog", "auto, journal"},
         {"daemon", "bogus", "1", "unknown key"},
 };
@@ -302,8 +314,9 @@ static void test_long_lines(void **state) {
         Config *c = NULL;
 
         (void) state;
-        memcpy(url, "https://", 8);
-        memset(url + 8, 'a', 2040);
+        /* 2048 bytes, most of them path: a host name has at most 253. */
+        memcpy(url, "https://lb.example/", 19);
+        memset(url + 19, 'a', 2048 - 19);
         url[2048] = 0;
         snprintf(buf, sizeof(buf),
                  "[provider]\n"
@@ -465,6 +478,13 @@ static const FileCase bad_files[] = {
         {"[provider]\nload_balancer = http://a\npoll_interval = x\n[nope]\n", 3, "invalid duration"},
         {"[provider]\nload_balancer = http://a\n[notify]\ntls_key = /k\n", 4, "together"},
         {"[provider]\nload_balancer = http://a\npoll_interval = 100ms\n", 3, "exceed poll_interval"},
+        /* A load balancer that is also an endpoint: its line, however written. */
+        {"[provider]\nendpoints = https://p1:8443, https://p2\nload_balancer = https://p2\n", 3,
+         "load_balancer 'https://p2' is also in endpoints"},
+        {"[provider]\nload_balancer = HTTPS://P1.Example:443/\nendpoints = https://p1.example\n", 2,
+         "also in endpoints ('https://p1.example')"},
+        {"[provider]\nendpoints = http://p1/api/\n\nload_balancer = http://p1:80/api\n", 4,
+         "also in endpoints"},
 };
 
 static void test_bad_files(void **state) {
@@ -742,6 +762,94 @@ static void test_cidr_list_contains(void **state) {
         assert_false(peer_allowed(&any4, 1, "2001:db8::1"));
 }
 
+/* Contract section 2: a URL with credentials is an error on its line, and
+ * the message never shows the password, whichever check rejects it. */
+static void test_url_credentials(void **state) {
+        static const struct {
+                const char *key, *value, *word;
+        } cases[] = {
+                {"endpoints", "http://agent:S3cretPw@host", "credentials"},
+                {"endpoints", "https://a, HTTPS://agent:S3cretPw@B:8443/x", "credentials"},
+                {"endpoints", "https://:S3cretPw@host", "credentials"},
+                {"endpoints", "https://agent@host", "credentials"},
+                {"load_balancer", "http://agent:S3cretPw@lb.example", "credentials"},
+                {"load_balancer", "https://agent:S3cretPw@lb example", "whitespace"},
+                {"load_balancer", "https://agent:S3cretPw@", "invalid host"},
+                {"load_balancer", "agent:S3cretPw@lb.example", "http"},
+                {"load_balancer", "https://agent:S3cretPw@lb.example:99999", "invalid host"},
+        };
+
+        (void) state;
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                assert_error(load_key("provider", cases[i].key, cases[i].value, NULL), 4, cases[i].word);
+                if (strstr(err, "S3cretPw"))
+                        fail_msg("%s = %s: password in '%s'", cases[i].key, cases[i].value, err);
+        }
+}
+
+/* Contract section 2: an entry matches peers of its own family only; an
+ * IPv4-mapped peer (a dual-stack socket) is an IPv4 peer, and an entry
+ * written in the mapped form is an IPv4 network. */
+static void test_allow_families(void **state) {
+        static const struct {
+                const char *rules, *peer;
+                bool allowed;
+        } cases[] = {
+                {"10.0.0.0/8, ::/0", "127.0.0.1", false},
+                {"10.0.0.0/8, ::/0", "::ffff:127.0.0.1", false},
+                {"10.0.0.0/8, ::/0", "10.1.2.3", true},
+                {"10.0.0.0/8, ::/0", "::ffff:10.1.2.3", true},
+                {"10.0.0.0/8, ::/0", "::1", true},
+                {"10.0.0.0/8, ::/0", "2001:db8::1", true},
+                {"::/0", "8.8.8.8", false},
+                {"::/0", "::ffff:8.8.8.8", false},
+                {"::/0", "::", true},
+                {"::/96", "::a00:1", true}, /* IPv4-compatible: an IPv6 address */
+                {"::/96", "10.0.0.1", false},
+                {"::ffff:0:0/96", "::ffff:1.2.3.4", true},
+                {"::ffff:0:0/96", "1.2.3.4", true},
+                {"::ffff:0:0/96", "::1", false},
+                {"::ffff:10.0.0.0/104", "10.9.9.9", true},
+                {"::ffff:10.0.0.0/104", "11.0.0.1", false},
+                {"::ffff:10.0.0.0/104", "::ffff:10.9.9.9", true},
+                {"::ffff:10.0.0.1", "10.0.0.1", true},
+                {"::ffff:10.0.0.1", "10.0.0.2", false},
+                {"0.0.0.0/0", "::1", false},
+                {"0.0.0.0/0", "fd00::1", false},
+                {"0.0.0.0/0", "::ffff:192.0.2.1", true},
+                {"127.0.0.0/8, ::1", "::ffff:127.0.0.1", true},
+                {"127.0.0.0/8, ::1", "127.0.0.1", true},
+                {"::1", "127.0.0.1", false},
+        };
+        char buf[256];
+
+        (void) state;
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                Config *c = NULL;
+
+                /* Through config_load, as the listener gets them. */
+                snprintf(buf, sizeof(buf), "[provider]\nload_balancer = http://a\n[notify]\nallow = %s\n",
+                         cases[i].rules);
+                assert_int_equal(load(buf, &c), 0);
+                if (peer_allowed(c->allow, c->n_allow, cases[i].peer) != cases[i].allowed)
+                        fail_msg("allow = %s, peer %s: want %s", cases[i].rules, cases[i].peer,
+                                 cases[i].allowed ? "allowed" : "refused");
+                config_free(c);
+        }
+}
+
+static void test_parse_cidr_mapped(void **state) {
+        Cidr c, want;
+
+        (void) state;
+        assert_int_equal(parse_cidr("::ffff:10.1.0.0/112", &c), 0);
+        assert_int_equal(parse_cidr("10.1.0.0/16", &want), 0);
+        assert_memory_equal(&c, &want, sizeof(c));
+        assert_int_equal(parse_cidr("::ffff:0:0/95", &c), 0); /* not all mapped: IPv6 */
+        assert_int_equal(c.family, AF_INET6);
+        assert_int_equal(c.prefixlen, 95);
+}
+
 /* ---- the contract's example, verbatim except for the secret paths ---- */
 
 static const char contract_example[] =
@@ -929,6 +1037,9 @@ int main(void) {
                 cmocka_unit_test(test_parse_cidr),
                 cmocka_unit_test(test_parse_listen),
                 cmocka_unit_test(test_cidr_list_contains),
+                cmocka_unit_test(test_url_credentials),
+                cmocka_unit_test(test_allow_families),
+                cmocka_unit_test(test_parse_cidr_mapped),
                 cmocka_unit_test(test_contract_example),
                 cmocka_unit_test(test_shipped_config),
                 cmocka_unit_test(test_free_null),
