@@ -26,6 +26,7 @@
 #include "macro.h"
 #include "runner.h"
 #include "settings.h"
+#include "util.h"
 
 #define BACKOFF_MIN_USEC USEC_PER_SEC
 #define BACKOFF_MAX_USEC (60 * USEC_PER_SEC)
@@ -59,8 +60,6 @@ struct SettingsWriter {
         int run_status;   /* last on_change result, for logging once */
         usec_t run_backoff;
         sd_event_source *run_timer;
-
-        uint64_t changes;
 };
 
 /* A value must stay on its line of the INI file. */
@@ -99,12 +98,6 @@ int settings_render(const Committed *c, char *buf, size_t size) {
         return n;
 }
 
-static usec_t backoff_next(usec_t cur) {
-        if (cur == 0)
-                return BACKOFF_MIN_USEC;
-        return cur >= BACKOFF_MAX_USEC / 2 ? BACKOFF_MAX_USEC : cur * 2;
-}
-
 static int arm_timer(SettingsWriter *w, sd_event_source **s, usec_t delay, sd_event_time_handler_t cb) {
         int r;
 
@@ -127,35 +120,6 @@ static bool timer_armed(sd_event_source *s) {
         return s && sd_event_source_get_enabled(s, &enabled) >= 0 && enabled != SD_EVENT_OFF;
 }
 
-static char **strv_free(char **v) {
-        for (char **p = v; p && *p; p++)
-                free(*p);
-        free(v);
-        return NULL;
-}
-
-static int strv_dup(char *const *v, char ***ret) {
-        size_t n = 0;
-        char **copy;
-
-        if (!v || !v[0]) {
-                *ret = NULL;
-                return 0;
-        }
-        while (v[n])
-                n++;
-        copy = calloc(n + 1, sizeof(char *));
-        if (!copy)
-                return -ENOMEM;
-        for (size_t i = 0; i < n; i++)
-                if (!(copy[i] = strdup(v[i]))) {
-                        strv_free(copy);
-                        return -ENOMEM;
-                }
-        *ret = copy;
-        return 0;
-}
-
 /* "<dir>/.<basename>.on_change-pending": hidden, next to the file, and not
  * matched by atomic_file_sweep(path) (its temporary files are
  * ".<basename>.tmp-*"). */
@@ -172,8 +136,7 @@ static char *marker_path_of(const char *path) {
 /* Takes over the parts of cfg the writer needs. */
 static int copy_config(SettingsWriter *w, const Config *cfg) {
         char *path, *marker;
-        char **argv;
-        int r;
+        char **argv = NULL;
 
         if (!cfg->settings_file)
                 return -EINVAL;
@@ -185,11 +148,11 @@ static int copy_config(SettingsWriter *w, const Config *cfg) {
                 free(path);
                 return -ENOMEM;
         }
-        r = strv_dup(cfg->on_change_argv, &argv);
-        if (r < 0) {
+        /* An empty vector means no hook, as NULL does. */
+        if (cfg->on_change_argv && cfg->on_change_argv[0] && !(argv = strv_copy(cfg->on_change_argv))) {
                 free(marker);
                 free(path);
-                return r;
+                return -ENOMEM;
         }
         free(w->path);
         w->path = path;
@@ -312,7 +275,7 @@ static void run_failed(SettingsWriter *w, int status, bool started) {
 
         status_to_string(status, started, what, sizeof(what));
         w->run_owed = true;
-        w->run_backoff = backoff_next(w->run_backoff);
+        w->run_backoff = backoff_next(w->run_backoff, BACKOFF_MIN_USEC, BACKOFF_MAX_USEC);
         log_full(status != w->run_status ? LOG_WARNING : LOG_DEBUG,
                  "on_change for epoch %" PRIu64 " failed (%s), retrying in %" PRIu64 "s", w->written.epoch,
                  what, w->run_backoff / USEC_PER_SEC);
@@ -465,7 +428,7 @@ static int write_failed(SettingsWriter *w, int r) {
                 log_struct(LOG_ERR, r, NULL, &(LogFields){.epoch = w->desired.epoch, .reason = strerror(-r)},
                            "Cannot write settings file %s, keeping the old one; will retry", w->path);
         w->error = r;
-        w->write_backoff = backoff_next(w->write_backoff);
+        w->write_backoff = backoff_next(w->write_backoff, BACKOFF_MIN_USEC, BACKOFF_MAX_USEC);
         k = arm_timer(w, &w->write_timer, w->write_backoff, on_write_timer);
         if (k < 0)
                 log_error_errno(k, "Cannot arm the settings retry timer");
@@ -480,7 +443,6 @@ static void write_done(SettingsWriter *w, FileMatch before) {
         disarm_timer(w->write_timer);
         w->written = w->desired;
         if (before == FILE_DIFFERS) {
-                w->changes++;
                 log_struct(LOG_INFO, 0, NULL,
                            &(LogFields){.epoch = w->desired.epoch, .primary_id = w->desired.primary.id},
                            "Settings file %s now points to %s:%u (primary %s, epoch %" PRIu64 ")", w->path,
@@ -489,10 +451,8 @@ static void write_done(SettingsWriter *w, FileMatch before) {
                 run_request(w);
                 return;
         }
-        if (before == FILE_MODE_DIFFERS) {
-                w->changes++;
+        if (before == FILE_MODE_DIFFERS)
                 log_info("Settings file %s rewritten with mode %04o", w->path, (unsigned) w->mode);
-        }
         /* The file already says what the owed run (from before the start)
          * was for: run it now, with this content's variables. */
         if (w->recover) {
@@ -634,8 +594,4 @@ bool settings_writer_busy(const SettingsWriter *w) {
 
 int settings_writer_error(const SettingsWriter *w) {
         return w ? w->error : 0;
-}
-
-uint64_t settings_writer_changes(const SettingsWriter *w) {
-        return w ? w->changes : 0;
 }

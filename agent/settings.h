@@ -46,5 +46,3 @@ int settings_writer_reconfigure(SettingsWriter *w, const Config *cfg);
 bool settings_writer_busy(const SettingsWriter *w);
 /* The last write error (negative errno) or 0; for STATUS= and status. */
 int settings_writer_error(const SettingsWriter *w);
-/* Number of rewrites done. */
-uint64_t settings_writer_changes(const SettingsWriter *w);

@@ -46,6 +46,20 @@ int fsync(int fd) {
         return (int) syscall(SYS_fsync, fd);
 }
 
+/* Counts the renames onto the settings file of the running test: every
+ * rewrite is one (atomic_file_write renames a temporary file over it), so
+ * the tests see rewrites as a reader of the directory does. */
+static const char *watched_path;
+static unsigned rewrites;
+
+int renameat(int olddirfd, const char *oldpath, int newdirfd, const char *newpath) {
+        const char *base = watched_path ? strrchr(watched_path, '/') : NULL;
+
+        if (base && strcmp(newpath, base + 1) == 0)
+                rewrites++;
+        return (int) syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, 0);
+}
+
 #define MARKER ".rabbitmq.ini.on_change-pending"
 
 typedef struct Ctx {
@@ -81,6 +95,8 @@ static int setup(void **state) {
         c->cfg.settings_file = c->path;
         c->cfg.settings_mode = 0640;
         c->cfg.on_change_timeout = 10 * USEC_PER_SEC;
+        watched_path = c->path;
+        rewrites = 0;
         *state = c;
         return 0;
 }
@@ -90,6 +106,7 @@ static int teardown(void **state) {
         char cmd[128];
 
         sd_event_unref(c->event);
+        watched_path = NULL;
         snprintf(cmd, sizeof(cmd), "rm -rf '%s'", c->dir);
         assert_int_equal(system(cmd), 0);
         free(c);
@@ -175,7 +192,7 @@ static void test_rewrite_only_on_change(void **state) {
         assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
         assert_int_equal(settings_writer_apply(w, &k), 0);
         assert_false(settings_writer_busy(w)); /* no hook */
-        assert_int_equal(settings_writer_changes(w), 1);
+        assert_int_equal(rewrites, 1);
         assert_int_equal(read_file_full(c->path, SETTINGS_MAX, &got, NULL), 0);
         assert_string_equal(got, contract_example);
         assert_int_equal(stat(c->path, &st1), 0);
@@ -186,19 +203,24 @@ static void test_rewrite_only_on_change(void **state) {
         assert_int_equal(stat(c->path, &st2), 0);
         assert_int_equal(st1.st_ino, st2.st_ino);
         assert_int_equal(st1.st_mtim.tv_nsec, st2.st_mtim.tv_nsec);
-        assert_int_equal(settings_writer_changes(w), 1);
+        assert_int_equal(rewrites, 1);
 
-        /* A changed file on disk is put back. */
-        assert_int_equal(atomic_file_write(c->path, "x", 1, 0640), 0);
+        /* A changed file on disk is put back (changed in place: no rename). */
+        {
+                FILE *f = fopen(c->path, "w");
+                assert_non_null(f);
+                assert_int_equal(fputs("x", f), 1);
+                assert_int_equal(fclose(f), 0);
+        }
         assert_int_equal(settings_writer_apply(w, &k), 0);
-        assert_int_equal(settings_writer_changes(w), 2);
+        assert_int_equal(rewrites, 2);
 
         /* A new mode (SIGHUP) is applied at once. */
         c->cfg.settings_mode = 0644;
         assert_int_equal(settings_writer_reconfigure(w, &c->cfg), 0);
         assert_int_equal(stat(c->path, &st2), 0);
         assert_int_equal(st2.st_mode & 07777, 0644);
-        assert_int_equal(settings_writer_changes(w), 3);
+        assert_int_equal(rewrites, 3);
 
         /* A new path too. */
         snprintf(c->path, sizeof(c->path), "%s/moved.ini", c->dir);
@@ -269,7 +291,7 @@ static void test_coalescing(void **state) {
                 k = committed(e);
                 assert_int_equal(settings_writer_apply(w, &k), 0);
         }
-        assert_int_equal(settings_writer_changes(w), 4);
+        assert_int_equal(rewrites, 4);
         run_until_idle(c, w, 5 * USEC_PER_SEC);
         got = read_in_dir(c, "runs");
         assert_non_null(got);
@@ -320,7 +342,7 @@ static void test_on_change_retry(void **state) {
         assert_true(took >= 3 * USEC_PER_SEC);
         got = read_in_dir(c, "count");
         assert_string_equal(got, "3\n");
-        assert_int_equal(settings_writer_changes(w), 1);
+        assert_int_equal(rewrites, 1);
         settings_writer_free(w);
 }
 
@@ -441,9 +463,10 @@ static void test_owed_run_survives_restart(void **state) {
         assert_string_equal(runs, "8\n");
 
         touch_in_dir(c, "ok");
+        rewrites = 0;
         assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
         assert_int_equal(settings_writer_apply(w, &k), 0);
-        assert_int_equal(settings_writer_changes(w), 0); /* the file matched */
+        assert_int_equal(rewrites, 0); /* the file matched */
         assert_true(settings_writer_busy(w));
         run_until_idle(c, w, 5 * USEC_PER_SEC);
         free(runs);
@@ -539,7 +562,7 @@ static void test_dir_fsync_failure(void **state) {
         assert_int_equal(settings_writer_apply(w, &k), 0);
         fail_dir_fsync = false;
         assert_int_equal(settings_writer_error(w), 0);
-        assert_int_equal(settings_writer_changes(w), 1);
+        assert_int_equal(rewrites, 1);
         run_until_idle(c, w, 5 * USEC_PER_SEC);
         runs = read_in_dir(c, "runs");
         assert_string_equal(runs, "8\n");
