@@ -12,9 +12,11 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "macro.h"
 #include "provider.h"
+#include "util.h"
 
 #ifndef streq
 #define streq(a, b) (strcmp((a), (b)) == 0)
@@ -66,28 +68,25 @@ bool provider_id_valid(const char *s) {
 
 /* Plain ASCII without spaces or control characters: the URL is handed to
  * libcurl and printed in logs and in the settings file, where a newline or a
- * space would split it. Something must follow the scheme. */
+ * space would split it. The scheme (http or https, any letter case, as in
+ * the config) is written with "//" and the host right after it (libcurl
+ * would also take "https:/h"); libcurl's URL parser judges the rest. */
 bool provider_url_valid(const char *s) {
-        const char *rest;
-        size_t n;
+        size_t n, scheme;
+        UrlInfo info;
 
         if (!s)
                 return false;
         n = strlen(s);
         if (n > PROVIDER_URL_MAX)
                 return false;
-        if (strncmp(s, "https://", 8) == 0)
-                rest = s + 8;
-        else if (strncmp(s, "http://", 7) == 0)
-                rest = s + 7;
-        else
-                return false;
-        if (*rest == 0 || *rest == '/')
-                return false;
         for (size_t i = 0; i < n; i++)
                 if (!is_printable_nonspace((unsigned char) s[i]))
                         return false;
-        return true;
+        scheme = strncasecmp(s, "https://", 8) == 0 ? 8 : strncasecmp(s, "http://", 7) == 0 ? 7 : 0;
+        if (scheme == 0 || s[scheme] == 0 || s[scheme] == '/')
+                return false;
+        return url_inspect(s, &info) == 0;
 }
 
 /* Dot-separated labels of [A-Za-z0-9_-], 1-63 characters each, not starting

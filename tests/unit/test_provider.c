@@ -142,7 +142,8 @@ static void test_limits_accepted(void **state) {
         s = repeat('a', 64, "\"", "\"");
         assert_int_equal(parse_mutated("node.id", s), 0);
         free(s);
-        s = repeat('a', 2048 - strlen("https://"), "\"https://", "\"");
+        /* 2048 bytes, most of them path: a host name has at most 253. */
+        s = repeat('a', 2048 - strlen("https://p1.example/"), "\"https://p1.example/", "\"");
         assert_int_equal(parse_mutated("primary.api_url", s), 0);
         assert_int_equal(strlen(st.primary.api_url), 2048);
         free(s);
@@ -293,7 +294,7 @@ static void test_too_long(void **state) {
                 {"node.id", 'a', 65, "\"", "\"", "node.id:"},
                 {"nodes.0.id", 'a', 65, "\"", "\"", "nodes[0].id:"},
                 {"node.version", '9', 65, "\"", "\"", "node.version:"},
-                {"primary.api_url", 'a', 2049 - 8, "\"https://", "\"", "primary.api_url:"},
+                {"primary.api_url", 'a', 2049 - 19, "\"https://p1.example/", "\"", "primary.api_url:"},
                 {"primary.broker.host", 'a', 64, "\"", ".example\"",
                  "primary.broker.host:"}, /* label > 63 */
                 {"primary.broker.vhost", 'v', 256, "\"", "\"", "primary.broker.vhost:"},
@@ -394,7 +395,16 @@ static void test_validators(void **state) {
         assert_false(provider_id_valid(""));
         assert_true(provider_url_valid("https://a"));
         assert_false(provider_url_valid("https:/a"));
-        assert_false(provider_url_valid("HTTPS://a"));
+        /* The scheme in any letter case, as the config takes it. */
+        assert_true(provider_url_valid("HTTPS://a"));
+        assert_true(provider_url_valid("Http://a:8080/x"));
+        assert_true(provider_url_valid("https://[fd00::1]:8443"));
+        assert_false(provider_url_valid("https:///a"));
+        assert_false(provider_url_valid("https://:80"));
+        assert_false(provider_url_valid("https://a:99999"));
+        assert_false(provider_url_valid("https://a:0"));
+        assert_false(provider_url_valid("http://[::1"));
+        assert_false(provider_url_valid("httpx://a"));
         assert_true(provider_host_valid("localhost"));
         assert_true(provider_host_valid("::1"));
         assert_true(provider_host_valid("[::1]"));
