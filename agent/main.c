@@ -8,6 +8,7 @@
 #include "config.h"
 #include "log.h"
 #include "manager.h"
+#include "util.h"
 #include "version.h"
 
 #define EXIT_CONFIG 78
@@ -29,13 +30,14 @@ static void help(void) {
                CONFIG_DEFAULT_PATH);
 }
 
-/* Plain-http Provider URLs are fine in labs, but worth a line at start. */
+/* Plain-http Provider URLs are fine in labs, but worth a line at start
+ * (HTTP://, too: the scheme is the same in any letter case). */
 static void warn_plain_http(const Config *c) {
         for (size_t i = 0; i < c->n_endpoints; i++)
-                if (strncmp(c->endpoints[i], "http://", 7) == 0)
+                if (url_is_plain_http(c->endpoints[i]))
                         log_warning("Provider endpoint %s uses plain http: no TLS, token sent in clear",
                                     c->endpoints[i]);
-        if (c->load_balancer && strncmp(c->load_balancer, "http://", 7) == 0)
+        if (c->load_balancer && url_is_plain_http(c->load_balancer))
                 log_warning("Provider load balancer %s uses plain http: no TLS, token sent in clear",
                             c->load_balancer);
 }
