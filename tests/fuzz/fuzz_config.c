@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "util.h"
 
 #define PLACEHOLDER     "@D@"
 #define MAX_INPUT       (256 * 1024)
@@ -112,6 +113,13 @@ static bool argv_ok(char **argv) {
         return n <= CONFIG_MAX_ARGV;
 }
 
+/* An accepted Provider URL: valid for libcurl, with no credentials in it. */
+static bool url_ok(const char *url) {
+        UrlInfo u;
+
+        return url && strlen(url) <= 2048 && url_inspect(url, &u) == 0 && !u.has_userinfo;
+}
+
 static void check_config(const Config *c) {
         if (strcmp(c->path, memfd_path) != 0)
                 abort();
@@ -119,10 +127,16 @@ static void check_config(const Config *c) {
                 abort();
         if (c->n_endpoints > CONFIG_MAX_ENDPOINTS)
                 abort();
-        for (size_t i = 0; i < c->n_endpoints; i++)
-                if (!c->endpoints[i] || strncasecmp(c->endpoints[i], "http", 4) != 0 ||
-                    strlen(c->endpoints[i]) > 2048)
+        for (size_t i = 0; i < c->n_endpoints; i++) {
+                if (!url_ok(c->endpoints[i]) || strncasecmp(c->endpoints[i], "http", 4) != 0)
                         abort();
+                /* The load balancer is never also an endpoint (written
+                 * differently too: test_config covers the normalisation). */
+                if (c->load_balancer && strcmp(c->load_balancer, c->endpoints[i]) == 0)
+                        abort();
+        }
+        if (c->load_balancer && !url_ok(c->load_balancer))
+                abort();
         if (c->poll_interval == 0 || c->fast_poll_interval == 0 || c->request_timeout == 0 ||
             c->on_change_timeout == 0 || c->command_timeout == 0)
                 abort();
