@@ -29,8 +29,8 @@
 #define FLAP_LIMIT           3
 #define MAX_LOGGED_STALE     16
 #define MAX_DISCOVERY_ROUNDS 3
-#define HINT_BURST           4.0 /* hint rounds that may start at once */
-#define HINT_RATE            8.0 /* hint rounds per second after the burst */
+#define HINT_BURST           4 /* hint rounds that may start at once */
+#define HINT_RATE            8 /* hint rounds per second after the burst */
 
 /* A uniform double in [0, 1) for jitter and the update delay. Quality
  * matters little; spreading a fleet out is all it does. */
@@ -120,13 +120,12 @@ static void manager_update_warnings(Manager *m) {
 
 static void on_round_done(Poller *p, void *userdata);
 
-static double take_hint_token(Manager *m);
-
 static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         Manager *m = userdata;
 
+        /* The deferred hint round is this one, whatever armed the timer. */
         if (m->hint_deferred)
-                (void) take_hint_token(m);
+                ratelimit_charge(&m->hint_bucket, now_usec(CLOCK_MONOTONIC));
         manager_request_round(m, NULL);
         return 0;
 }
@@ -189,20 +188,6 @@ static int on_round_deadline(sd_event_source *s, uint64_t usec, void *userdata) 
         return 0;
 }
 
-/* Hints (events, notifies, the loss of the broker) may come in storms. A
- * token bucket (HINT_BURST rounds at once, HINT_RATE per second after
- * that) lets a lone hint, or a few, start their round at once while a
- * storm of any size costs a handful of rounds. */
-static uint64_t hint_ready_at(Manager *m, uint64_t now) {
-        m->hint_tokens += (double) (now - m->hint_tokens_usec) * HINT_RATE / (double) USEC_PER_SEC;
-        if (m->hint_tokens > HINT_BURST)
-                m->hint_tokens = HINT_BURST;
-        m->hint_tokens_usec = now;
-        if (m->hint_tokens >= 1.0)
-                return now;
-        return now + (uint64_t) ((1.0 - m->hint_tokens) / HINT_RATE * (double) USEC_PER_SEC) + 1;
-}
-
 /* Arms the poll timer for a hint round at `when` unless it already fires
  * sooner. */
 static void manager_defer_hint_round(Manager *m, uint64_t when) {
@@ -218,10 +203,15 @@ static void manager_defer_hint_round(Manager *m, uint64_t when) {
         (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_ONESHOT);
 }
 
-/* Starts a hint round now if a token is there and hint_spread allows,
+/* Hints (events, notifies, the loss of the broker) may come in storms. A
+ * token bucket (HINT_BURST rounds at once, HINT_RATE per second after
+ * that) lets a lone hint, or a few, start their round at once while a
+ * storm of any size costs a handful of rounds.
+ *
+ * Starts a hint round now if a token is there and hint_spread allows,
  * else defers it. spread: draw the fleet-wide spread (a fresh trigger). */
 static void manager_start_hint_round(Manager *m, bool spread) {
-        uint64_t now = now_usec(CLOCK_MONOTONIC), when = hint_ready_at(m, now);
+        uint64_t now = now_usec(CLOCK_MONOTONIC), when = ratelimit_ready_at(&m->hint_bucket, now);
 
         if (spread && m->config->hint_spread > 0) {
                 /* hint_spread: a fleet-wide trigger spreads its fleet-wide poll. */
@@ -233,14 +223,8 @@ static void manager_start_hint_round(Manager *m, bool spread) {
                 manager_defer_hint_round(m, when);
                 return;
         }
-        (void) take_hint_token(m);
+        (void) ratelimit_take(&m->hint_bucket, now);
         manager_start_round(m);
-}
-
-static double take_hint_token(Manager *m) {
-        (void) hint_ready_at(m, now_usec(CLOCK_MONOTONIC));
-        m->hint_tokens -= 1.0;
-        return m->hint_tokens;
 }
 
 static void manager_request(Manager *m, const char *why, bool hint) {
@@ -996,7 +980,7 @@ int manager_new(Config *config, bool once, Manager **ret) {
         m->once = once;
         m->lock_fd = -1;
         m->gate.state = config->update_enabled ? GATE_NONE : GATE_DISABLED;
-        m->hint_tokens = HINT_BURST;
+        m->hint_bucket = ratelimit_init(HINT_BURST, HINT_RATE, 0);
 
         r = sd_event_default(&m->event);
         if (r < 0)

@@ -16,6 +16,7 @@
 #include "gate.h"
 #include "notify.h"
 #include "poller.h"
+#include "ratelimit.h"
 #include "rule.h"
 #include "settings.h"
 #include "state.h"
@@ -51,8 +52,8 @@ typedef struct Manager {
         bool round_pending; /* a round is owed as soon as the current one ends */
         bool hint_pending;  /* an event/notify round is owed when the current one ends */
         bool hint_deferred; /* the poll timer is armed for a hint round */
-        double hint_tokens; /* token bucket that spaces hint rounds in a storm */
-        uint64_t hint_tokens_usec;
+        /* The token bucket that spaces hint rounds in a storm. */
+        RateLimit hint_bucket;
         bool state_save_failed;          /* a commit waits for the state file */
         bool in_round_done;              /* requests made while a round is judged wait for it */
         unsigned discovery_rounds;       /* immediate rounds in a row for newly found nodes */
