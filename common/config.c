@@ -145,14 +145,6 @@ static bool has_space_or_control(const char *s) {
         return false;
 }
 
-static char *secret_free(char *s) {
-        if (s) {
-                explicit_bzero(s, strlen(s));
-                free(s);
-        }
-        return NULL;
-}
-
 static int set_string(Parser *p, char **dst, const char *value) {
         char *s = NULL;
 

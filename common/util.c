@@ -159,3 +159,11 @@ bool url_is_plain_http(const char *url) {
 
         return url_inspect(url, &u) == 0 && !u.https;
 }
+
+char *secret_free(char *s) {
+        if (s) {
+                explicit_bzero(s, strlen(s));
+                free(s);
+        }
+        return NULL;
+}

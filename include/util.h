@@ -52,3 +52,7 @@ int url_inspect(const char *url, UrlInfo *ret);
 bool url_same_origin(const char *a, const char *b);
 /* A valid URL with the http (not https) scheme, any letter case. */
 bool url_is_plain_http(const char *url);
+
+/* Overwrites a NUL-terminated secret (a token, a private key) with zeros,
+ * then frees it; NULL safe. Returns NULL. */
+char *secret_free(char *s);
