@@ -1,4 +1,7 @@
 /* The notify listener: libmicrohttpd in external-epoll mode on sd-event.
+ * What a request gets is decided by the pure logic in notify-request.c;
+ * the connection limits live in notify-conn.c, the token buckets and the
+ * log limiter in ratelimit.c. This file is the glue between them and MHD.
  *
  * MHD owns an epoll fd; we watch that fd as one I/O source and run
  * MHD_run() whenever it is readable or MHD's own timeout (from
@@ -22,54 +25,38 @@
  *   - rate-limited logging of rejections, so a flood cannot flood the
  *     journal either. */
 #include <arpa/inet.h>
-#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <linux/tcp.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <systemd/sd-daemon.h>
-#include <time.h>
 
+#include "atomic_file.h"
 #include "log.h"
 #include "macro.h"
+#include "notify-conn.h"
 #include "notify.h"
-#include "provider.h"
+#include "ratelimit.h"
+#include "util.h"
 
-#define NOTIFY_MAX_CONNECTIONS 64
 /* MHD's own hard limit sits a little above ours: evicted connections are
  * closed on the next MHD_run, and new ones may arrive meanwhile. */
 #define NOTIFY_MHD_CONNECTION_SLACK 16
-#define NOTIFY_PER_PEER_CONNECTIONS 8
 /* MHD counts per address before our accept callback runs, so its limit
  * must sit well above ours (evicted connections still count there until
  * its next run) or it would refuse where we would evict. */
 #define NOTIFY_MHD_PER_PEER_BACKSTOP 32
-/* Over TLS the handshake bytes hide whether a request has begun: such a
- * connection counts as idle once nothing has arrived for this long. */
-#define NOTIFY_TLS_QUIET_MSEC   1000
-#define NOTIFY_IDLE_TIMEOUT_SEC 5
-/* MHD's timeout restarts at every byte; this one does not. */
-#define NOTIFY_REQUEST_DEADLINE_USEC (10 * USEC_PER_SEC)
+#define NOTIFY_IDLE_TIMEOUT_SEC      5
 #define NOTIFY_MEMORY_LIMIT          (16 * 1024)
 #define NOTIFY_LISTEN_BACKLOG        256
 /* MHD's timeout is often 0 ("run again at once": data left in a buffer);
  * sd-event's default accuracy (250 ms) would stall every such step. */
 #define NOTIFY_TIMER_ACCURACY_USEC USEC_PER_MSEC
 #define NOTIFY_TLS_FILE_MAX        (64 * 1024)
-
-typedef struct TokenBucket {
-        double tokens; /* available */
-        double rate;   /* tokens per second */
-        double burst;  /* at most this many */
-        uint64_t usec; /* CLOCK_MONOTONIC of the last refill */
-} TokenBucket;
 
 /* Token bucket for authenticated notify/status requests. */
 #define NOTIFY_RATE_PER_SEC 20
@@ -84,23 +71,6 @@ typedef struct TokenBucket {
 #define LOG_WINDOW_LINES 10
 
 #define PEER_MAX (INET6_ADDRSTRLEN + 1)
-
-typedef struct RateLog {
-        uint64_t window_start;
-        unsigned lines;
-        uint64_t suppressed;
-} RateLog;
-
-/* One TCP connection, from MHD's STARTED to CLOSED notification. */
-typedef struct Conn {
-        struct Conn *prev, *next; /* oldest first */
-        int fd;                   /* -1 when MHD did not say: never evicted by us */
-        struct in6_addr peer;     /* IPv4 as v4-mapped */
-        bool busy;                /* a request's headers are in; not evictable */
-        bool evicted;             /* shut down by us, MHD closes it on its next run */
-        uint64_t since_usec;      /* CLOCK_MONOTONIC: accept, or end of the last request */
-        uint64_t rx_idle;         /* bytes received when it last became idle */
-} Conn;
 
 /* One request, from its headers to MHD's completed notification. */
 typedef struct Req {
@@ -126,282 +96,15 @@ struct NotifyServer {
 
         char *tls_cert_pem, *tls_key_pem;
 
-        bool tls;
-
-        Conn *conns_head, *conns_tail;
-        unsigned n_conns, n_evicted;
+        NotifyConns conns; /* conns.tls: the listener speaks TLS */
 
         /* Notifies and status reads have a bucket each, so a notify flood
          * never locks support out of `dsm-agent-syncctl status`. Failed
          * authentications have their own, so guessing is slow. */
-        TokenBucket notify_bucket, status_bucket, auth_fail_bucket;
+        RateLimit notify_bucket, status_bucket, auth_fail_bucket;
 
         RateLog log_rejected, log_accepted;
 };
-
-/* ---- the pure request logic ---------------------------------------- */
-
-static const char *const allow_post = "POST";
-static const char *const allow_patch = "PATCH";
-static const char *const allow_get = "GET, HEAD";
-
-bool notify_auth_ok(const char *header, const char *token) {
-        static const char scheme[] = "Bearer ";
-        const char *given;
-        size_t glen, tlen, n;
-        unsigned char diff;
-
-        if (!header || !token || token[0] == 0)
-                return false;
-        if (strncasecmp(header, scheme, strlen(scheme)) != 0)
-                return false;
-        given = header + strlen(scheme);
-        while (*given == ' ')
-                given++;
-
-        /* Walk the longer of both strings in full: no early exit, so the
-         * time does not tell how much of a guess was right. */
-        glen = strlen(given);
-        tlen = strlen(token);
-        n = glen > tlen ? glen : tlen;
-        diff = glen != tlen;
-        for (size_t i = 0; i < n; i++) {
-                unsigned char a = i < glen ? (unsigned char) given[i] : 0;
-                unsigned char b = i < tlen ? (unsigned char) token[i] : 0;
-                diff |= a ^ b;
-        }
-        return diff == 0;
-}
-
-static char *json_text(json_t *j) {
-        char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
-        json_decref(j);
-        return s;
-}
-
-static void reply_set(NotifyReply *r, unsigned status, const char *key, const char *msg) {
-        r->status = status;
-        free(r->body);
-        r->body = json_text(json_pack("{s:s}", key, msg));
-}
-
-static void reply_error(NotifyReply *r, unsigned status, const char *reason) {
-        reply_set(r, status, "error", reason);
-        (void) strscpy(r->reason, sizeof(r->reason), reason);
-}
-
-static char *take_body(NotifyReply *r) {
-        char *b = r->body;
-
-        r->body = NULL;
-        return b;
-}
-
-/* Copies s for a log line: printable ASCII only, bounded. */
-static void sanitize(char *dst, size_t size, const char *s, size_t max) {
-        size_t j = 0;
-
-        for (size_t i = 0; s[i] && i < max && j + 1 < size; i++) {
-                unsigned char c = (unsigned char) s[i];
-                dst[j++] = (c >= 0x20 && c < 0x7f && c != '"') ? (char) c : '?';
-        }
-        if (j < size)
-                dst[j] = 0;
-}
-
-static NotifyRoute route_of(const char *path) {
-        if (!path)
-                return NOTIFY_ROUTE_NONE;
-        if (strcmp(path, "/v1/notify") == 0)
-                return NOTIFY_ROUTE_NOTIFY;
-        if (strcmp(path, "/onboarding/api/agent/rabbitmq/endpoints") == 0)
-                return NOTIFY_ROUTE_ENDPOINTS;
-        if (strcmp(path, "/v1/status") == 0)
-                return NOTIFY_ROUTE_STATUS;
-        if (strcmp(path, "/healthz") == 0)
-                return NOTIFY_ROUTE_HEALTH;
-        return NOTIFY_ROUTE_NONE;
-}
-
-/* Returns the Allow header when method is wrong for route, NULL when right. */
-static const char *method_mismatch(NotifyRoute route, const char *method) {
-        const char *m = method ? method : "";
-
-        switch (route) {
-        case NOTIFY_ROUTE_NOTIFY:
-                return strcmp(m, "POST") == 0 ? NULL : allow_post;
-        case NOTIFY_ROUTE_ENDPOINTS:
-                return strcmp(m, "PATCH") == 0 ? NULL : allow_patch;
-        case NOTIFY_ROUTE_STATUS:
-        case NOTIFY_ROUTE_HEALTH:
-                return strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0 ? NULL : allow_get;
-        default:
-                return NULL;
-        }
-}
-
-static bool body_blank(const char *body, size_t len) {
-        for (size_t i = 0; i < len; i++)
-                if (!strchr(" \t\r\n", body[i]) || body[i] == 0)
-                        return false;
-        return true;
-}
-
-/* Parses the body as one JSON object. NULL with r->status 400 otherwise. */
-static json_t *parse_object(const NotifyRequest *req, NotifyReply *r) {
-        json_error_t err;
-        json_t *j;
-
-        j = json_loadb(req->body ? req->body : "", req->body_len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY,
-                       &err);
-        if (!j) {
-                char msg[NOTIFY_ERROR_MAX];
-                char text[96];
-
-                sanitize(text, sizeof(text), err.text, 80);
-                (void) snprintf(msg, sizeof(msg), "body is not valid JSON: %s", text);
-                reply_error(r, 400, msg);
-                return NULL;
-        }
-        if (!json_is_object(j)) {
-                json_decref(j);
-                reply_error(r, 400, "body is not a JSON object");
-                return NULL;
-        }
-        return j;
-}
-
-static bool check_notify_body(const NotifyRequest *req, NotifyReply *r) {
-        json_t *j, *reason, *epoch, *primary;
-        char text[129];
-        size_t n = 0;
-
-        if (body_blank(req->body, req->body_len)) {
-                (void) strscpy(r->summary, sizeof(r->summary), "empty body");
-                return true;
-        }
-        j = parse_object(req, r);
-        if (!j)
-                return false;
-
-        reason = json_object_get(j, "reason");
-        epoch = json_object_get(j, "epoch");
-        primary = json_object_get(j, "primary_id");
-        if (reason && !json_is_string(reason) && !json_is_null(reason)) {
-                reply_error(r, 400, "reason: not a string");
-                goto fail;
-        }
-        if (epoch && !json_is_null(epoch) && (!json_is_integer(epoch) || json_integer_value(epoch) < 0)) {
-                reply_error(r, 400, "epoch: not a non-negative integer");
-                goto fail;
-        }
-        if (primary && !json_is_null(primary) &&
-            (!json_is_string(primary) || !provider_id_valid(json_string_value(primary)))) {
-                reply_error(r, 400, "primary_id: not a node id");
-                goto fail;
-        }
-
-        r->summary[0] = 0;
-        if (json_is_string(reason)) {
-                sanitize(text, sizeof(text), json_string_value(reason), 128);
-                n += (size_t) snprintf(r->summary + n, sizeof(r->summary) - n, "reason=\"%s\" ", text);
-        }
-        if (json_is_integer(epoch) && n < sizeof(r->summary))
-                n += (size_t) snprintf(r->summary + n, sizeof(r->summary) - n,
-                                       "epoch=%" JSON_INTEGER_FORMAT " ", json_integer_value(epoch));
-        if (json_is_string(primary) && n < sizeof(r->summary))
-                n += (size_t) snprintf(r->summary + n, sizeof(r->summary) - n, "primary_id=%s ",
-                                       json_string_value(primary));
-        if (n == 0)
-                (void) strscpy(r->summary, sizeof(r->summary), "no details");
-        else if (n <= sizeof(r->summary))
-                r->summary[n - 1] = 0; /* the trailing blank */
-        json_decref(j);
-        return true;
-fail:
-        json_decref(j);
-        return false;
-}
-
-static bool check_endpoints_body(const NotifyRequest *req, NotifyReply *r) {
-        json_t *j, *endpoint, *port;
-        bool ok = false;
-
-        j = parse_object(req, r);
-        if (!j)
-                return false;
-        endpoint = json_object_get(j, "endpoint");
-        port = json_object_get(j, "port");
-        if (!endpoint)
-                reply_error(r, 400, "endpoint: missing");
-        else if (!json_is_string(endpoint) || !provider_host_valid(json_string_value(endpoint)))
-                reply_error(r, 400, "endpoint: not a host name or address of 1-253 characters");
-        else if (!port)
-                reply_error(r, 400, "port: missing");
-        else if (!json_is_integer(port) || json_integer_value(port) < 1 || json_integer_value(port) > 65535)
-                reply_error(r, 400, "port: not an integer 1-65535");
-        else {
-                (void) snprintf(r->summary, sizeof(r->summary), "endpoint=%s port=%" JSON_INTEGER_FORMAT,
-                                json_string_value(endpoint), json_integer_value(port));
-                ok = true;
-        }
-        json_decref(j);
-        return ok;
-}
-
-void notify_handle_request(const NotifyRequest *req, NotifyReply *r) {
-        const char *allow;
-
-        *r = (NotifyReply){};
-        r->route = route_of(req->path);
-        if (r->route == NOTIFY_ROUTE_NONE)
-                return reply_error(r, 404, "not found");
-        allow = method_mismatch(r->route, req->method);
-        if (allow) {
-                r->allow = allow;
-                return reply_error(r, 405, "method not allowed");
-        }
-        if (r->route == NOTIFY_ROUTE_HEALTH)
-                return reply_set(r, 200, "status", "ok");
-        /* Before the token is compared: over the limit, a guess learns
-         * nothing, right or wrong. */
-        if (req->auth_retry_after > 0) {
-                r->retry_after = req->auth_retry_after;
-                return reply_error(r, 429, "too many failed authentications");
-        }
-        if (!notify_auth_ok(req->authorization, req->token))
-                return reply_error(r, 401, req->authorization ? "wrong token" : "missing token");
-        if (req->body_too_large ||
-            (req->content_length != UINT64_MAX && req->content_length > NOTIFY_BODY_MAX))
-                return reply_error(r, 413, "body over 4096 bytes");
-        if (req->headers_only)
-                return; /* status 0: read the body */
-
-        switch (r->route) {
-        case NOTIFY_ROUTE_NOTIFY:
-                if (!check_notify_body(req, r))
-                        return;
-                break;
-        case NOTIFY_ROUTE_ENDPOINTS:
-                if (!check_endpoints_body(req, r))
-                        return;
-                break;
-        case NOTIFY_ROUTE_STATUS:
-                r->status = 200;
-                r->run_action = true;
-                return;
-        default:
-                assert(false);
-                return;
-        }
-        reply_set(r, 202, "status", "accepted");
-        r->run_action = true;
-}
-
-void notify_reply_done(NotifyReply *r) {
-        free(r->body);
-        r->body = NULL;
-}
 
 /* ---- logging, limited -------------------------------------------- */
 
@@ -416,22 +119,13 @@ static uint64_t loop_now_usec(NotifyServer *s) {
 /* True when one more line may be logged in the current window. When a
  * window ends with lines suppressed, says so once. */
 static bool ratelog_ok(NotifyServer *s, RateLog *rl, const char *mid, const char *what) {
-        uint64_t now = loop_now_usec(s);
+        uint64_t suppressed;
+        bool ok = ratelog_check(rl, loop_now_usec(s), &suppressed);
 
-        if (now - rl->window_start >= LOG_WINDOW_USEC) {
-                if (rl->suppressed > 0)
-                        log_struct(LOG_NOTICE, 0, mid, NULL, "notify: suppressed %" PRIu64 " %s log lines",
-                                   rl->suppressed, what);
-                rl->window_start = now;
-                rl->lines = 0;
-                rl->suppressed = 0;
-        }
-        if (rl->lines >= LOG_WINDOW_LINES) {
-                rl->suppressed++;
-                return false;
-        }
-        rl->lines++;
-        return true;
+        if (suppressed > 0)
+                log_struct(LOG_NOTICE, 0, mid, NULL, "notify: suppressed %" PRIu64 " %s log lines",
+                           suppressed, what);
+        return ok;
 }
 
 static void log_rejected(NotifyServer *s, int prio, const char *peer, const char *reason) {
@@ -456,59 +150,31 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap) {
         log_structv(LOG_DEBUG, 0, NULL, NULL, fmt, ap);
 }
 
-/* ---- the token bucket ---------------------------------------------- */
+/* ---- the token buckets --------------------------------------------- */
 
-static TokenBucket bucket_new(NotifyServer *s, double rate, double burst) {
-        return (TokenBucket){.tokens = burst, .rate = rate, .burst = burst, .usec = loop_now_usec(s)};
-}
+/* 0 when b has a token now, else the whole seconds (at least 1) until it
+ * has: the Retry-After of a 429. */
+static unsigned bucket_wait(NotifyServer *s, RateLimit *b) {
+        uint64_t now = loop_now_usec(s), wait = ratelimit_ready_at(b, now) - now;
 
-/* Refills; returns 0 when a token is available, else the whole seconds
- * (at least 1) until one is. */
-static unsigned bucket_wait(NotifyServer *s, TokenBucket *b) {
-        uint64_t now = loop_now_usec(s);
-        double secs;
-
-        b->tokens += (double) (now - b->usec) * b->rate / (double) USEC_PER_SEC;
-        if (b->tokens > b->burst)
-                b->tokens = b->burst;
-        b->usec = now;
-        if (b->tokens >= 1.0)
+        if (wait == 0)
                 return 0;
-        secs = (1.0 - b->tokens) / b->rate;
-        return secs <= 1.0 ? 1 : (unsigned) secs + 1;
+        return wait <= USEC_PER_SEC ? 1 : (unsigned) (wait / USEC_PER_SEC) + 1;
 }
 
 /* Takes one token; on failure returns false and the seconds until one
  * is back. */
-static bool bucket_take(NotifyServer *s, TokenBucket *b, unsigned *ret_retry_after) {
+static bool bucket_take(NotifyServer *s, RateLimit *b, unsigned *ret_retry_after) {
         unsigned wait = bucket_wait(s, b);
 
         if (wait > 0) {
                 *ret_retry_after = wait;
                 return false;
         }
-        b->tokens -= 1.0;
-        return true;
+        return ratelimit_take(b, loop_now_usec(s));
 }
 
 /* ---- connections ------------------------------------------------- */
-
-/* The address of sa as IPv6, IPv4 v4-mapped; false for other families. */
-static bool peer_key(const struct sockaddr *sa, struct in6_addr *ret) {
-        if (!sa)
-                return false;
-        if (sa->sa_family == AF_INET) {
-                *ret = (struct in6_addr){};
-                ret->s6_addr[10] = ret->s6_addr[11] = 0xff;
-                memcpy(&ret->s6_addr[12], &((const struct sockaddr_in *) sa)->sin_addr, 4);
-                return true;
-        }
-        if (sa->sa_family == AF_INET6) {
-                *ret = ((const struct sockaddr_in6 *) sa)->sin6_addr;
-                return true;
-        }
-        return false;
-}
 
 static void peer_string(const struct sockaddr *sa, char *buf, size_t size) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *) sa;
@@ -526,150 +192,30 @@ static void peer_string(const struct sockaddr *sa, char *buf, size_t size) {
                 (void) strscpy(buf, size, "?");
 }
 
-static void conn_unlink(NotifyServer *s, Conn *c) {
-        if (c->prev)
-                c->prev->next = c->next;
-        else
-                s->conns_head = c->next;
-        if (c->next)
-                c->next->prev = c->prev;
-        else
-                s->conns_tail = c->prev;
-        c->prev = c->next = NULL;
-}
-
-static void conn_append(NotifyServer *s, Conn *c) {
-        c->prev = s->conns_tail;
-        c->next = NULL;
-        if (s->conns_tail)
-                s->conns_tail->next = c;
-        else
-                s->conns_head = c;
-        s->conns_tail = c;
-}
-
-/* Shuts the socket down under MHD's feet: MHD sees EOF on its next run
- * and closes the connection through its normal path. Returns false, and
- * counts nothing, when the socket could not be shut down (no fd known):
- * such a connection is left to MHD's idle timeout. */
-static bool conn_evict(NotifyServer *s, Conn *c) {
-        if (c->evicted)
-                return true;
-        if (c->fd < 0 || shutdown(c->fd, SHUT_RDWR) < 0)
-                return false;
-        c->evicted = true;
-        s->n_evicted++;
-        return true;
-}
-
-/* What the kernel says about the connection: bytes received so far and
- * milliseconds since the last data came in. */
-static bool conn_tcp_info(const Conn *c, uint64_t *ret_bytes, uint32_t *ret_quiet_ms) {
-        struct tcp_info ti = {};
-        socklen_t len = sizeof(ti);
-
-        if (c->fd < 0 || getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 ||
-            len < offsetof(struct tcp_info, tcpi_bytes_received) + sizeof(ti.tcpi_bytes_received))
-                return false;
-        *ret_bytes = ti.tcpi_bytes_received;
-        *ret_quiet_ms = ti.tcpi_last_data_recv;
-        return true;
-}
-
-/* Marks the connection as between requests from now on. */
-static void conn_set_idle(NotifyServer *s, Conn *c) {
-        uint32_t quiet_ms;
-
-        c->busy = false;
-        c->since_usec = loop_now_usec(s);
-        if (!conn_tcp_info(c, &c->rx_idle, &quiet_ms))
-                c->rx_idle = UINT64_MAX;
-}
-
-/* True when the connection sits between requests: no request's headers
- * are in and not one byte of the next request has arrived (over TLS,
- * where handshake bytes count too: nothing has arrived for a while).
- * Only such a connection is evicted to make room for another. */
-static bool conn_idle(NotifyServer *s, const Conn *c) {
-        uint64_t bytes;
-        uint32_t quiet_ms;
-
-        if (c->busy || c->evicted || !conn_tcp_info(c, &bytes, &quiet_ms))
-                return false;
-        if (s->tls)
-                return quiet_ms >= NOTIFY_TLS_QUIET_MSEC;
-        return bytes == c->rx_idle;
-}
-
-/* Makes room under the total limit: the oldest idle connection, else the
- * oldest one still sending its headers (the deadline would drop it soon
- * anyway); never one whose request is being handled. */
-static bool evict_for_total(NotifyServer *s) {
-        for (Conn *c = s->conns_head; c; c = c->next)
-                if (conn_idle(s, c) && conn_evict(s, c))
-                        return true;
-        for (Conn *c = s->conns_head; c; c = c->next)
-                if (!c->busy && !c->evicted && conn_evict(s, c))
-                        return true;
-        return false;
-}
-
-/* Makes room under the per-peer limit: true when peer has fewer than
- * NOTIFY_PER_PEER_CONNECTIONS connections, or had its oldest idle one
- * evicted. A peer whose connections are all inside a request is refused. */
-static bool evict_for_peer(NotifyServer *s, const struct in6_addr *peer) {
-        Conn *idle = NULL;
-        unsigned n = 0;
-
-        for (Conn *c = s->conns_head; c; c = c->next) {
-                if (c->evicted || memcmp(&c->peer, peer, sizeof(*peer)) != 0)
-                        continue;
-                n++;
-                if (!idle && conn_idle(s, c))
-                        idle = c;
-        }
-        if (n < NOTIFY_PER_PEER_CONNECTIONS)
-                return true;
-        return idle && conn_evict(s, idle);
-}
-
 static void on_connection(void *cls, struct MHD_Connection *connection, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe) {
         NotifyServer *s = cls;
-        Conn *c = *socket_context;
+        NotifyConn *c = *socket_context;
 
         if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
                 const union MHD_ConnectionInfo *ci =
                         MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
                 const union MHD_ConnectionInfo *ai =
                         MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+                int fd = ci ? ci->connect_fd : -1;
 
-                c = calloc(1, sizeof(*c));
-                if (!c)
-                        return; /* untracked: still bounded by MHD's limit */
-                c->fd = ci ? ci->connect_fd : -1;
                 if (notify_test_connection_fd)
-                        c->fd = notify_test_connection_fd(c->fd);
-                if (!ai || !peer_key(ai->client_addr, &c->peer))
-                        c->peer = in6addr_any;
-                /* Whatever arrived before MHD got to this notification is
-                 * the start of a request already: 0 bytes marks idle. */
-                c->since_usec = loop_now_usec(s);
-                c->rx_idle = 0;
-                conn_append(s, c);
-                s->n_conns++;
-                *socket_context = c;
+                        fd = notify_test_connection_fd(fd);
+                /* NULL (no memory): untracked, still bounded by MHD's limit. */
+                *socket_context =
+                        notify_conns_add(&s->conns, fd, ai ? ai->client_addr : NULL, loop_now_usec(s));
         } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED && c) {
-                conn_unlink(s, c);
-                s->n_conns--;
-                if (c->evicted)
-                        s->n_evicted--;
-                free(c);
+                notify_conns_remove(&s->conns, c);
                 *socket_context = NULL;
         }
 }
 
-static Conn *conn_of(struct MHD_Connection *connection) {
+static NotifyConn *conn_of(struct MHD_Connection *connection) {
         const union MHD_ConnectionInfo *ci =
                 MHD_get_connection_info(connection, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
 
@@ -680,46 +226,18 @@ static enum MHD_Result on_accept(void *cls, const struct sockaddr *addr, socklen
         NotifyServer *s = cls;
         char peer[PEER_MAX];
         struct in6_addr key;
+        const char *refused;
 
-        if (!addr || !cidr_list_contains(s->allow, s->n_allow, addr) || !peer_key(addr, &key)) {
+        if (!addr || !cidr_list_contains(s->allow, s->n_allow, addr) || !notify_peer_key(addr, &key))
+                refused = "peer not allowed";
+        else
+                refused = notify_conns_admit(&s->conns, &key);
+        if (refused) {
                 peer_string(addr, peer, sizeof(peer));
-                log_rejected(s, LOG_NOTICE, peer, "peer not allowed");
-                return MHD_NO;
-        }
-        /* At a limit, the oldest connection that has not sent a request
-         * makes room: idle sockets cannot lock out a peer with something
-         * to say. */
-        if (!evict_for_peer(s, &key)) {
-                peer_string(addr, peer, sizeof(peer));
-                log_rejected(s, LOG_NOTICE, peer, "per-peer connection limit reached");
-                return MHD_NO;
-        }
-        if (s->n_conns - s->n_evicted >= NOTIFY_MAX_CONNECTIONS && !evict_for_total(s)) {
-                peer_string(addr, peer, sizeof(peer));
-                log_rejected(s, LOG_NOTICE, peer, "connection limit reached");
+                log_rejected(s, LOG_NOTICE, peer, refused);
                 return MHD_NO;
         }
         return MHD_YES;
-}
-
-/* Drops connections whose request has been going on for too long, and
- * returns the earliest deadline still pending (USEC_INFINITY: none). */
-static uint64_t sweep_deadlines(NotifyServer *s) {
-        uint64_t now = loop_now_usec(s), next = USEC_INFINITY;
-
-        for (Conn *c = s->conns_head; c; c = c->next) {
-                uint64_t deadline = c->since_usec + NOTIFY_REQUEST_DEADLINE_USEC;
-
-                if (c->evicted)
-                        continue;
-                if (deadline <= now) {
-                        /* Not evictable (no fd): left to MHD's idle timeout,
-                         * and no timer for it, or the timer would spin. */
-                        (void) conn_evict(s, c);
-                } else if (deadline < next)
-                        next = deadline;
-        }
-        return next;
 }
 
 /* ---- responses --------------------------------------------------- */
@@ -756,6 +274,13 @@ static enum MHD_Result respond(struct MHD_Connection *connection, unsigned statu
         return ret;
 }
 
+static char *take_body(NotifyReply *r) {
+        char *b = r->body;
+
+        r->body = NULL;
+        return b;
+}
+
 static void connection_peer(struct MHD_Connection *connection, char *buf, size_t size) {
         const union MHD_ConnectionInfo *ci =
                 MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
@@ -770,11 +295,9 @@ static enum MHD_Result respond_plain(NotifyServer *s, struct MHD_Connection *con
 
         connection_peer(connection, peer, sizeof(peer));
         if (r->status == 401) {
-                unsigned ignored;
-
                 /* Spends a token of the failure bucket; when that was
                  * the last, the next guesses get 429 unread. */
-                (void) bucket_take(s, &s->auth_fail_bucket, &ignored);
+                (void) ratelimit_take(&s->auth_fail_bucket, loop_now_usec(s));
                 log_rejected(s, LOG_WARNING, peer, r->reason);
         } else if (r->status == 400 || r->status == 413 || r->status == 429)
                 log_rejected(s, LOG_NOTICE, peer, r->reason);
@@ -788,7 +311,7 @@ static enum MHD_Result respond_action(NotifyServer *s, struct MHD_Connection *co
         unsigned retry_after = 0;
 
         connection_peer(connection, peer, sizeof(peer));
-        TokenBucket *b = r->route == NOTIFY_ROUTE_STATUS ? &s->status_bucket : &s->notify_bucket;
+        RateLimit *b = r->route == NOTIFY_ROUTE_STATUS ? &s->status_bucket : &s->notify_bucket;
         if (!bucket_take(s, b, &retry_after)) {
                 log_rejected(s, LOG_NOTICE, peer, "rate limited");
                 return respond(connection, 429, strdup("{\"error\":\"too many requests\"}"), NULL,
@@ -800,7 +323,10 @@ static enum MHD_Result respond_action(NotifyServer *s, struct MHD_Connection *co
                 if (!doc)
                         return respond(connection, 503, strdup("{\"error\":\"status unavailable\"}"), NULL,
                                        0);
-                return respond(connection, 200, json_text(doc), NULL, 0);
+                char *body = json_dumps(doc, JSON_COMPACT);
+
+                json_decref(doc);
+                return respond(connection, 200, body, NULL, 0);
         }
         log_accepted(s, peer, r->summary);
         if (s->cb.notify)
@@ -836,7 +362,7 @@ static enum MHD_Result request_begin(NotifyServer *s, struct MHD_Connection *con
                                      const char *method, void **con_cls) {
         NotifyRequest req;
         NotifyReply r;
-        Conn *c = conn_of(connection);
+        NotifyConn *c = conn_of(connection);
         Req *q;
         enum MHD_Result ret;
 
@@ -845,7 +371,7 @@ static enum MHD_Result request_begin(NotifyServer *s, struct MHD_Connection *con
                 return MHD_NO;
         *con_cls = q;
         if (c)
-                c->busy = true;
+                notify_conn_busy(c);
 
         request_init(s, connection, url, method, &req);
         req.headers_only = true;
@@ -931,7 +457,7 @@ static void on_completed(void *cls, struct MHD_Connection *connection, void **co
                          enum MHD_RequestTerminationCode toe) {
         NotifyServer *s = cls;
         Req *q = *con_cls;
-        Conn *c = conn_of(connection);
+        NotifyConn *c = conn_of(connection);
 
         if (q) {
                 free(q->body);
@@ -939,11 +465,8 @@ static void on_completed(void *cls, struct MHD_Connection *connection, void **co
                 *con_cls = NULL;
         }
         /* Keep-alive: idle again, and its deadline restarts. */
-        if (c && !c->evicted) {
-                conn_set_idle(s, c);
-                conn_unlink(s, c);
-                conn_append(s, c);
-        }
+        if (c)
+                notify_conns_request_done(&s->conns, c, loop_now_usec(s));
 }
 
 /* ---- the event loop glue ------------------------------------------- */
@@ -952,7 +475,7 @@ static int on_timer(sd_event_source *es, uint64_t usec, void *userdata);
 
 static void notify_rearm(NotifyServer *s) {
         MHD_UNSIGNED_LONG_LONG ms;
-        uint64_t next = sweep_deadlines(s), now = loop_now_usec(s);
+        uint64_t now = loop_now_usec(s), next = notify_conns_sweep(&s->conns, now);
         int r;
 
         if (MHD_get_timeout(s->mhd, &ms) == MHD_YES) {
@@ -988,39 +511,6 @@ static int on_timer(sd_event_source *es, uint64_t usec, void *userdata) {
 }
 
 /* ---- setup ------------------------------------------------------- */
-
-static int read_small_file(const char *path, char **ret) {
-        _cleanup_(closep) int fd = -1;
-        struct stat st;
-        char *buf;
-        ssize_t n;
-
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
-                return negative_errno();
-        if (fstat(fd, &st) < 0)
-                return negative_errno();
-        if (!S_ISREG(st.st_mode) || st.st_size <= 0 || st.st_size > NOTIFY_TLS_FILE_MAX)
-                return -EFBIG;
-        buf = calloc(1, (size_t) st.st_size + 1);
-        if (!buf)
-                return -ENOMEM;
-        n = read(fd, buf, (size_t) st.st_size);
-        if (n != st.st_size) {
-                free(buf);
-                return n < 0 ? negative_errno() : -EIO;
-        }
-        *ret = buf;
-        return 0;
-}
-
-static char *secret_free(char *s) {
-        if (s) {
-                explicit_bzero(s, strlen(s));
-                free(s);
-        }
-        return NULL;
-}
 
 static int listen_socket_new(const Config *cfg, int *ret) {
         _cleanup_(closep) int fd = -1;
@@ -1063,6 +553,24 @@ static int activated_socket(int *ret) {
         return 1;
 }
 
+/* A certificate or key file, whole. An empty one is refused here (as too
+ * large a one is), not by the TLS library later. */
+static int read_pem(const char *path, char **ret) {
+        char *buf;
+        size_t len;
+        int r;
+
+        r = read_file_full(path, NOTIFY_TLS_FILE_MAX, &buf, &len);
+        if (r < 0)
+                return r;
+        if (len == 0) {
+                free(buf);
+                return -EFBIG;
+        }
+        *ret = buf;
+        return 0;
+}
+
 static int load_tls(NotifyServer *s, const Config *cfg) {
         int r;
 
@@ -1070,10 +578,10 @@ static int load_tls(NotifyServer *s, const Config *cfg) {
                 return 0;
         if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES)
                 return log_error_errno(-EOPNOTSUPP, "notify: libmicrohttpd was built without TLS");
-        r = read_small_file(cfg->tls_cert, &s->tls_cert_pem);
+        r = read_pem(cfg->tls_cert, &s->tls_cert_pem);
         if (r < 0)
                 return log_error_errno(r, "notify: cannot read tls_cert %s", cfg->tls_cert);
-        r = read_small_file(cfg->tls_key, &s->tls_key_pem);
+        r = read_pem(cfg->tls_key, &s->tls_key_pem);
         if (r < 0)
                 return log_error_errno(r, "notify: cannot read tls_key %s", cfg->tls_key);
         return 1;
@@ -1142,8 +650,11 @@ int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb,
         s->cb = cb ? *cb : (NotifyCallbacks){};
         s->userdata = userdata;
         s->activated = r > 0;
-        s->notify_bucket = s->status_bucket = bucket_new(s, NOTIFY_RATE_PER_SEC, NOTIFY_RATE_BURST);
-        s->auth_fail_bucket = bucket_new(s, NOTIFY_AUTH_FAIL_PER_SEC, NOTIFY_AUTH_FAIL_BURST);
+        s->notify_bucket = s->status_bucket =
+                ratelimit_init(NOTIFY_RATE_BURST, NOTIFY_RATE_PER_SEC, loop_now_usec(s));
+        s->auth_fail_bucket =
+                ratelimit_init(NOTIFY_AUTH_FAIL_BURST, NOTIFY_AUTH_FAIL_PER_SEC, loop_now_usec(s));
+        s->log_rejected = s->log_accepted = ratelog_init(LOG_WINDOW_USEC, LOG_WINDOW_LINES);
 
         r = copy_settings(s, cfg);
         if (r < 0)
@@ -1151,7 +662,7 @@ int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb,
         tls = r = load_tls(s, cfg);
         if (r < 0)
                 goto fail;
-        s->tls = tls > 0;
+        s->conns.tls = tls > 0;
         if (!s->activated) {
                 r = listen_socket_new(cfg, &fd);
                 if (r < 0)

@@ -3,15 +3,16 @@
  * socket. Input: byte 0 picks the method, byte 1 the path, byte 2 flags;
  * then the Authorization header up to the first '\n', then the body.
  *
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Iinclude -D_GNU_SOURCE \
- *         tests/fuzz/fuzz_notify.c agent/notify.c common/config.c common/log.c \
- *         common/provider.c $(pkg-config --cflags --libs libmicrohttpd jansson libsystemd inih) \
- *         -o build/fuzz_notify
+ *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Iinclude -Iagent -D_GNU_SOURCE \
+ *         tests/fuzz/fuzz_notify.c agent/notify-request.c common/provider.c \
+ *         $(pkg-config --cflags --libs jansson) -o build/fuzz_notify
  *   build/fuzz_notify -max_total_time=20 tests/fuzz/corpus/notify */
 #include <stdint.h>
 #include <string.h>
 
-#include "notify.h"
+#include <jansson.h>
+
+#include "notify-request.h"
 
 static const char *const methods[] = {"GET", "POST", "PATCH", "HEAD", "PUT", "DELETE", ""};
 static const char *const paths[] = {"/v1/notify",
