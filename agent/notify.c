@@ -61,7 +61,9 @@
 /* Token bucket for authenticated notify/status requests. */
 #define NOTIFY_RATE_PER_SEC 20
 #define NOTIFY_RATE_BURST   40
-/* Token bucket for failed authentications (401s), shared by all peers. */
+/* Token bucket for failed authentications (401s), one per peer: a peer
+ * that keeps guessing is slowed down, and never locks out another peer
+ * (contract section 6). */
 #define NOTIFY_AUTH_FAIL_PER_SEC 5
 #define NOTIFY_AUTH_FAIL_BURST   10
 
@@ -100,8 +102,9 @@ struct NotifyServer {
 
         /* Notifies and status reads have a bucket each, so a notify flood
          * never locks support out of `dsm-agent-syncctl status`. Failed
-         * authentications have their own, so guessing is slow. */
-        RateLimit notify_bucket, status_bucket, auth_fail_bucket;
+         * authentications have one per peer, so guessing is slow. */
+        RateLimit notify_bucket, status_bucket;
+        RateLimitTable auth_fail;
 
         RateLog log_rejected, log_accepted;
 };
@@ -297,7 +300,8 @@ static enum MHD_Result respond_plain(NotifyServer *s, struct MHD_Connection *con
         if (r->status == 401) {
                 /* Spends a token of the failure bucket; when that was
                  * the last, the next guesses get 429 unread. */
-                (void) ratelimit_take(&s->auth_fail_bucket, loop_now_usec(s));
+                (void) ratelimit_take(ratelimit_table_get(&s->auth_fail, peer, loop_now_usec(s)),
+                                      loop_now_usec(s));
                 log_rejected(s, LOG_WARNING, peer, r->reason);
         } else if (r->status == 400 || r->status == 413 || r->status == 429)
                 log_rejected(s, LOG_NOTICE, peer, r->reason);
@@ -363,6 +367,7 @@ static enum MHD_Result request_begin(NotifyServer *s, struct MHD_Connection *con
         NotifyRequest req;
         NotifyReply r;
         NotifyConn *c = conn_of(connection);
+        char peer[PEER_MAX];
         Req *q;
         enum MHD_Result ret;
 
@@ -375,7 +380,8 @@ static enum MHD_Result request_begin(NotifyServer *s, struct MHD_Connection *con
 
         request_init(s, connection, url, method, &req);
         req.headers_only = true;
-        req.auth_retry_after = bucket_wait(s, &s->auth_fail_bucket);
+        connection_peer(connection, peer, sizeof(peer));
+        req.auth_retry_after = bucket_wait(s, ratelimit_table_get(&s->auth_fail, peer, loop_now_usec(s)));
         notify_handle_request(&req, &r);
         if (r.status == 0)
                 return MHD_YES; /* read the body */
@@ -652,8 +658,7 @@ int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb,
         s->activated = r > 0;
         s->notify_bucket = s->status_bucket =
                 ratelimit_init(NOTIFY_RATE_BURST, NOTIFY_RATE_PER_SEC, loop_now_usec(s));
-        s->auth_fail_bucket =
-                ratelimit_init(NOTIFY_AUTH_FAIL_BURST, NOTIFY_AUTH_FAIL_PER_SEC, loop_now_usec(s));
+        s->auth_fail = ratelimit_table_init(NOTIFY_AUTH_FAIL_BURST, NOTIFY_AUTH_FAIL_PER_SEC);
         s->log_rejected = s->log_accepted = ratelog_init(LOG_WINDOW_USEC, LOG_WINDOW_LINES);
 
         r = copy_settings(s, cfg);

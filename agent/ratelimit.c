@@ -1,6 +1,9 @@
 /* Token bucket and rate-limited logging: see ratelimit.h. */
 #include "ratelimit.h"
 
+#include <stdio.h>
+#include <string.h>
+
 #define MICRO ((int64_t) 1000000)
 
 RateLimit ratelimit_init(unsigned burst, unsigned rate, uint64_t now) {
@@ -75,4 +78,32 @@ bool ratelog_check(RateLog *rl, uint64_t now, uint64_t *ret_suppressed) {
         }
         rl->lines++;
         return true;
+}
+
+RateLimitTable ratelimit_table_init(unsigned burst, unsigned rate) {
+        return (RateLimitTable){.burst = burst, .rate = rate};
+}
+
+RateLimit *ratelimit_table_get(RateLimitTable *t, const char *key, uint64_t now) {
+        RateLimitEntry *e = NULL;
+
+        for (size_t i = 0; i < t->n; i++)
+                if (strncmp(t->entries[i].key, key, RATELIMIT_KEY_MAX) == 0) {
+                        e = &t->entries[i];
+                        break;
+                }
+        if (!e) {
+                if (t->n < RATELIMIT_TABLE_MAX)
+                        e = &t->entries[t->n++];
+                else {
+                        e = &t->entries[0];
+                        for (size_t i = 1; i < t->n; i++)
+                                if (t->entries[i].used < e->used)
+                                        e = &t->entries[i];
+                }
+                snprintf(e->key, sizeof(e->key), "%s", key);
+                e->bucket = ratelimit_init(t->burst, t->rate, now);
+        }
+        e->used = now;
+        return &e->bucket;
 }

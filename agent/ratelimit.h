@@ -5,6 +5,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* A token bucket: at most burst tokens, refilled at rate tokens per
@@ -51,3 +52,25 @@ RateLog ratelog_init(uint64_t interval, unsigned burst);
  * the number of lines suppressed in the window this call ended (to be
  * reported once, before this line), else 0. */
 bool ratelog_check(RateLog *rl, uint64_t now, uint64_t *ret_suppressed);
+
+/* Token buckets per key (a peer address): a fixed table, so a flood of
+ * keys costs no memory. A key not in the table gets a full bucket; when
+ * the table is full, the entry used least recently makes room. */
+#define RATELIMIT_KEY_MAX   48
+#define RATELIMIT_TABLE_MAX 64u
+
+typedef struct RateLimitEntry {
+        char key[RATELIMIT_KEY_MAX];
+        uint64_t used; /* last lookup, for the eviction */
+        RateLimit bucket;
+} RateLimitEntry;
+
+typedef struct RateLimitTable {
+        unsigned burst, rate;
+        RateLimitEntry entries[RATELIMIT_TABLE_MAX];
+        size_t n;
+} RateLimitTable;
+
+RateLimitTable ratelimit_table_init(unsigned burst, unsigned rate);
+/* The bucket of key (created full at now when missing); never NULL. */
+RateLimit *ratelimit_table_get(RateLimitTable *t, const char *key, uint64_t now);

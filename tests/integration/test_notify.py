@@ -248,10 +248,11 @@ def test_auth_failures_rate_limited(server):
     """Failed authentications have a bucket of their own (5/s, burst 10):
     once it is empty, a request that needs the token is answered 429 with
     Retry-After before the token is looked at, so guessing is slow. The
-    bucket is global and checked before the comparison, so right after a
+    bucket is checked before the comparison, so right after a
     flood of guesses the right token gets 429 too (anything else would
     tell a guesser it guessed right); it succeeds once Retry-After has
-    passed, and the guesses never spend the notify bucket."""
+    passed, and the guesses never spend the notify bucket. (The bucket is
+    the peer's own: test_one_peers_guesses_lock_out_no_other_peer.)"""
     answers = []
     c = server.connection()
     try:
@@ -291,6 +292,26 @@ def test_auth_failures_rate_limited(server):
         c.close()
     assert statuses == [202] * 30, statuses
     assert server.request("GET", "/v1/status", token="wrong-again")[0] == 401
+
+
+def test_one_peers_guesses_lock_out_no_other_peer(server):
+    """Contract section 6: a peer that keeps failing to authenticate is
+    slowed down by its own failed-login budget. 12 wrong tokens from
+    127.0.0.2 exhaust that peer's budget (burst 10): the right token from
+    127.0.0.2 waits (429), the right token from 127.0.0.1 (where
+    dsm-agent-syncctl comes from) is served at once."""
+    statuses = [server.request("POST", "/v1/notify", token="wrong-guess", source="127.0.0.2")[0]
+                for _ in range(12)]
+    assert statuses[:10] == [401] * 10 and 429 in statuses, statuses
+    status, headers, _ = server.request("POST", "/v1/notify", {"reason": "guesser"}, source="127.0.0.2")
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    for path, want in (("/v1/notify", 202), ("/v1/status", 200)):
+        status, _, data = server.request("POST" if path == "/v1/notify" else "GET", path,
+                                         {"reason": "other peer"} if path == "/v1/notify" else None,
+                                         source="127.0.0.1")
+        assert status == want, (path, status, data)
+    # The other peer's own budget is untouched: its first wrong token is a 401.
+    assert server.request("POST", "/v1/notify", token="typo", source="127.0.0.3")[0] == 401
 
 
 def test_unknown_path_and_wrong_method(server):

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <inttypes.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include <cmocka.h>
 
@@ -119,11 +120,35 @@ static void test_ratelog_table(void **st) {
         }
 }
 
+static void test_table_per_key(void **state) {
+        RateLimitTable t = ratelimit_table_init(2, 1);
+        RateLimit *a = ratelimit_table_get(&t, "10.0.0.1", 0);
+
+        assert_true(ratelimit_take(a, 0));
+        assert_true(ratelimit_take(a, 0));
+        assert_false(ratelimit_take(ratelimit_table_get(&t, "10.0.0.1", 1), 1));
+        /* Another key has its own, full bucket. */
+        assert_true(ratelimit_take(ratelimit_table_get(&t, "10.0.0.2", 2), 2));
+        assert_true(ratelimit_take(ratelimit_table_get(&t, "10.0.0.2", 2), 2));
+        assert_int_equal(t.n, 2);
+        /* A full table evicts the entry used least recently, never the one asked for. */
+        for (unsigned i = 0; i < RATELIMIT_TABLE_MAX + 5; i++) {
+                char key[32];
+                snprintf(key, sizeof(key), "k%u", i);
+                (void) ratelimit_table_get(&t, key, 10 + i);
+                (void) ratelimit_table_get(&t, "10.0.0.1", 10 + i); /* kept in use */
+        }
+        assert_int_equal(t.n, RATELIMIT_TABLE_MAX);
+        a = ratelimit_table_get(&t, "10.0.0.1", 100);
+        assert_false(ratelimit_take(a, 10)); /* still the drained bucket, not a fresh one */
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_bucket_table),
                 cmocka_unit_test(test_bucket_burst),
                 cmocka_unit_test(test_ratelog_table),
+                cmocka_unit_test(test_table_per_key),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
