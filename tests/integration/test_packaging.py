@@ -513,6 +513,23 @@ def test_helper_refuses_what_is_not_a_package(shared_tmp):
     assert not h.installed.exists()
 
 
+def test_apply_unit_configures_the_trust_checks():
+    env = _service("dsm-agent-sync-apply-update.service")[("[Service]", "Environment")]
+    assert f"DSM_APPLY_PACKAGE={AGENT}" in env
+    assert "DSM_APPLY_KEYRING=/etc/dsm-agent-sync/trusted.gpg" in env
+    assert "DSM_APPLY_REQUIRE_SIGNATURE=0" in env
+    assert not [e for e in env if e.startswith(("DSM_APPLY_INSTALL=", "DSM_APPLY_DPKG_ADMINDIR="))]
+
+
+def test_update_trust_doc_lists_every_refusal():
+    helper = (PKG / "apply-update-helper").read_text()
+    statuses = set(re.findall(r"\bresult (\d+) ", helper)) - {"0"}
+    assert {"64", "65", "66", "80", "81", "82", "83", "84", "85", "86"} <= statuses
+    doc = (TOP / "docs/update-trust.md").read_text()
+    for st in statuses:
+        assert f"| {st} |" in doc, f"status {st} is not in docs/update-trust.md"
+
+
 def make_rpm(out, name=AGENT, version="9.0.1"):
     need("rpmbuild")
     top = Path(tempfile.mkdtemp(prefix="dsm-rpmtop."))
@@ -686,6 +703,7 @@ EXPECTED_DEB_FILES = [
     "./usr/lib/systemd/catalog/dsm-agent-sync.catalog",
     "./usr/share/doc/dsm-agent-sync/examples/agent-sync.ini",
     "./usr/share/doc/dsm-agent-sync/operations.md",
+    "./usr/share/doc/dsm-agent-sync/update-trust.md",
     "./usr/share/man/man8/dsm-agent-syncd.8.gz",
     "./usr/share/man/man8/dsm-agent-syncctl.8.gz",
     "./usr/share/man/man5/dsm-agent-sync.ini.5.gz",
