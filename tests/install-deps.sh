@@ -11,6 +11,7 @@ libinih-dev libmicrohttpd-dev libcmocka-dev
 python3 python3-pytest python3-pika rabbitmq-server
 openssl curl iproute2 nftables valgrind procps systemd
 debhelper dpkg-dev fakeroot lintian rpm man-db groff-base
+gpg gpg-agent gpgv
 "
 
 missing=""

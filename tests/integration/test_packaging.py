@@ -232,8 +232,40 @@ def test_operations_runbook_lists_every_message_id():
 # the update hand-over: apply-update (sandboxed side) and the root helper
 
 
+AGENT = "dsm-agent"  # the helper's default DSM_APPLY_PACKAGE
+
+
+def make_deb(out, name=AGENT, version="9.0.1"):
+    """A minimal real .deb (dpkg-deb --build), readable by the helper's
+    setpriv'd reader."""
+    need("dpkg-deb")
+    tree = Path(tempfile.mkdtemp(prefix="dsm-debtree."))
+    try:
+        (tree / "DEBIAN").mkdir()
+        (tree / "DEBIAN/control").write_text(
+            f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
+            "Maintainer: Test <test@example.com>\nDescription: hand-over test package\n")
+        (tree / "usr/share/doc" / name).mkdir(parents=True)
+        (tree / "usr/share/doc" / name / "VERSION").write_text(version + "\n")
+        r = run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(tree), str(out)])
+        assert r.returncode == 0, r.stderr
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    out.chmod(0o644)
+    return out
+
+
+def dpkg_status(admindir, installed):
+    """A dpkg database (for dpkg-query --admindir) holding {name: version}."""
+    admindir.mkdir(parents=True, exist_ok=True)
+    (admindir / "status").write_text("".join(
+        f"Package: {n}\nStatus: install ok installed\nPriority: optional\nVersion: {v}\n"
+        "Architecture: all\nMaintainer: Test <test@example.com>\nDescription: installed\n\n"
+        for n, v in installed.items()))
+
+
 class Handover:
-    def __init__(self, tmp):
+    def __init__(self, tmp, installed="9.0.0"):
         self.base = tmp / "state"
         self.spool = self.base / "apply"
         self.updates = self.base / "updates"
@@ -241,9 +273,9 @@ class Handover:
             p.mkdir(parents=True)
             p.chmod(0o755)
         tmp.chmod(0o755)
-        self.pkg = self.updates / "agent_9.0.1.deb"
-        self.pkg.write_bytes(b"!<arch>\nnot really a deb\n")
-        self.pkg.chmod(0o644)
+        self.pkg = make_deb(self.updates / "agent_9.0.1.deb")
+        self.admindir = tmp / "dpkg"
+        dpkg_status(self.admindir, {AGENT: installed} if installed else {})
         self.installed = tmp / "installed"
         self.installer = tmp / "fake-install"
         self.installer.write_text(
@@ -252,7 +284,9 @@ class Handover:
         self.installer.chmod(0o755)
         self.env = dict(os.environ, DSM_APPLY_SPOOL=str(self.spool), DSM_APPLY_POLL="1",
                         DSM_APPLY_ALLOWED_DIR=str(self.base), DSM_APPLY_INSTALL=str(self.installer),
-                        DSM_APPLY_USER="nobody" if os.geteuid() == 0 else str(os.getuid()))
+                        DSM_APPLY_USER="nobody" if os.geteuid() == 0 else str(os.getuid()),
+                        DSM_APPLY_PACKAGE=AGENT, DSM_APPLY_KEYRING="",
+                        DSM_APPLY_DPKG_ADMINDIR=str(self.admindir))
 
     def client(self, *args, timeout="20", sha256=None):
         """apply-update as the daemon runs it: DSM_UPDATE_SHA256 is the
@@ -272,6 +306,15 @@ class Handover:
 
     def helper(self, **env):
         return run([str(PKG / "apply-update-helper")], env=dict(self.env, **env), timeout=60)
+
+    def handover(self, version="9.0.1", **env):
+        """Both sides, one request: (exit status of apply-update, its stderr,
+        which carries the helper's message)."""
+        p = self.client(str(self.pkg), version)
+        self.wait_request()
+        r = self.helper(**env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return _finish(p)
 
 
 @pytest.fixture
@@ -398,6 +441,253 @@ def test_helper_ignores_symlinked_request(shared_tmp):
     assert not (h.spool / "request").exists() and not (h.spool / "result").exists()
 
 
+# The privileged side trusts only what it checks itself: a daemon taken over
+# writes the request, the package and the offer's sha256 (all consistent), so
+# each refusal below is tested with an honest sha256.
+
+
+def test_helper_refuses_a_wrong_package_name(shared_tmp):
+    h = Handover(shared_tmp)
+    make_deb(h.pkg, name="openssh-server")
+    rc, err = h.handover()
+    assert rc == 80, err
+    assert "package 'openssh-server', not dsm-agent" in err
+    assert not h.installed.exists()
+    # The name is configurable (the unit's DSM_APPLY_PACKAGE).
+    rc, err = h.handover(DSM_APPLY_PACKAGE="openssh-server", DSM_APPLY_DPKG_ADMINDIR=str(shared_tmp / "dpkg2"))
+    assert rc == 83, err  # right name now; not installed in that database
+    dpkg_status(shared_tmp / "dpkg2", {"openssh-server": "1:9.2p1-2"})
+    rc, err = h.handover(DSM_APPLY_PACKAGE="openssh-server", DSM_APPLY_DPKG_ADMINDIR=str(shared_tmp / "dpkg2"))
+    assert rc == 82, err  # 9.0.1 < 1:9.2p1-2 (the epoch counts)
+    assert not h.installed.exists()
+
+
+def test_helper_refuses_a_downgrade(shared_tmp):
+    h = Handover(shared_tmp, installed="9.0.1~rc1")
+    make_deb(h.pkg, version="8.9.9")
+    rc, err = h.handover("8.9.9")
+    assert rc == 82, err
+    assert "not newer than the installed 9.0.1~rc1" in err
+    assert not h.installed.exists()
+    # 9.0.1~rc1 < 9.0.1 in dpkg's ordering: the release is installed.
+    make_deb(h.pkg, version="9.0.1")
+    rc, err = h.handover("9.0.1")
+    assert rc == 0, err
+    assert h.installed.read_bytes() == h.pkg.read_bytes()
+
+
+def test_helper_refuses_a_version_other_than_the_request(shared_tmp):
+    h = Handover(shared_tmp)
+    rc, err = h.handover("9.0.2")  # the .deb says 9.0.1
+    assert rc == 81, err
+    assert "version '9.0.1', not the requested 9.0.2" in err
+    make_deb(h.pkg, version="9.0.1-1")  # a Debian revision is a different version
+    rc, err = h.handover("9.0.1")
+    assert rc == 81, err
+    assert not h.installed.exists()
+
+
+def test_helper_needs_the_agent_installed(shared_tmp):
+    h = Handover(shared_tmp, installed=None)
+    rc, err = h.handover()
+    assert rc == 83, err
+    assert "dsm-agent is not installed" in err
+    assert not h.installed.exists()
+
+
+def test_helper_same_version_is_done_without_installing(shared_tmp):
+    """Idempotent, as the update command must be: a repeated request for the
+    installed version succeeds, and nothing is installed as root."""
+    h = Handover(shared_tmp, installed="9.0.1")
+    rc, err = h.handover()
+    assert rc == 0, err
+    assert "installed already" in err
+    assert not h.installed.exists()
+
+
+def test_helper_refuses_what_is_not_a_package(shared_tmp):
+    h = Handover(shared_tmp)
+    h.pkg.write_bytes(b"!<arch>\nnot really a deb\n")
+    rc, err = h.handover()
+    assert rc == 65, err
+    assert not h.installed.exists()
+
+
+def test_apply_unit_configures_the_trust_checks():
+    env = _service("dsm-agent-sync-apply-update.service")[("[Service]", "Environment")]
+    assert f"DSM_APPLY_PACKAGE={AGENT}" in env
+    assert "DSM_APPLY_KEYRING=/etc/dsm-agent-sync/trusted.gpg" in env
+    assert "DSM_APPLY_REQUIRE_SIGNATURE=0" in env
+    assert not [e for e in env if e.startswith(("DSM_APPLY_INSTALL=", "DSM_APPLY_DPKG_ADMINDIR="))]
+
+
+def test_update_trust_doc_lists_every_refusal():
+    helper = (PKG / "apply-update-helper").read_text()
+    statuses = set(re.findall(r"\bresult (\d+) ", helper)) - {"0"}
+    assert {"64", "65", "66", "80", "81", "82", "83", "84", "85", "86"} <= statuses
+    doc = (TOP / "docs/update-trust.md").read_text()
+    for st in statuses:
+        assert f"| {st} |" in doc, f"status {st} is not in docs/update-trust.md"
+
+
+def make_rpm(out, name=AGENT, version="9.0.1"):
+    need("rpmbuild")
+    top = Path(tempfile.mkdtemp(prefix="dsm-rpmtop."))
+    try:
+        (top / "t.spec").write_text(
+            f"Name: {name}\nVersion: {version}\nRelease: 1\nSummary: test\nLicense: MIT\n"
+            "BuildArch: noarch\n%description\nhand-over test package\n%files\n")
+        r = run(["rpmbuild", "--define", f"_topdir {top}", "--nodeps", "-bb", str(top / "t.spec")])
+        assert r.returncode == 0, r.stderr
+        shutil.copy(next((top / "RPMS").rglob("*.rpm")), out)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    out.chmod(0o644)
+    return out
+
+
+def test_helper_checks_an_rpm_too(shared_tmp):
+    need("rpm")
+    if run(["rpm", "-q", AGENT]).returncode == 0:
+        pytest.skip(f"{AGENT} is in this machine's rpm database")
+    h = Handover(shared_tmp)
+    make_rpm(h.pkg, name="openssh-server")
+    rc, err = h.handover()
+    assert rc == 80, err
+    make_rpm(h.pkg)
+    rc, err = h.handover("9.0.2")
+    assert rc == 81, err
+    for version in ("9.0.1", "9.0.1-1"):  # with or without the release
+        rc, err = h.handover(version)
+        assert rc == 83 and "dsm-agent is not installed" in err, err  # name and version pass
+    assert not h.installed.exists()
+
+
+@pytest.fixture(scope="module")
+def signing():
+    """A real OpenPGP setup: a trusted key exported as a binary keyring (what
+    gpgv reads), and a stranger's key that is not in it."""
+    need("gpg")
+    need("gpgv")
+    home = Path(tempfile.mkdtemp(prefix="dsm-gnupg."))
+    home.chmod(0o700)
+    env = dict(os.environ, GNUPGHOME=str(home))
+    try:
+        for uid in ("DSM Release <release@example.com>", "Stranger <stranger@example.com>"):
+            r = run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", uid, "ed25519", "sign", "never"],
+                    env=env)
+            assert r.returncode == 0, r.stderr
+        keydir = home / "keyring"
+        keydir.mkdir(mode=0o755)
+        keyring = keydir / "trusted.gpg"
+        r = subprocess.run(["gpg", "--batch", "--export", "release@example.com"], env=env,
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0 and r.stdout, r.stderr
+        keyring.write_bytes(r.stdout)
+        keyring.chmod(0o644)
+
+        def sign(path, signer="release@example.com", out=None):
+            out = out or Path(str(path) + ".sig")
+            out.unlink(missing_ok=True)
+            r = run(["gpg", "--batch", "--local-user", signer, "--detach-sign", "-o", str(out), str(path)],
+                    env=env)
+            assert r.returncode == 0, r.stderr
+            out.chmod(0o644)
+            return out
+
+        yield keyring, sign
+    finally:
+        run(["gpgconf", "--kill", "gpg-agent"], env=env)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_helper_installs_a_signed_package(shared_tmp, signing):
+    keyring, sign = signing
+    h = Handover(shared_tmp)
+    sign(h.pkg)
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(keyring))
+    assert rc == 0, err
+    assert h.installed.read_bytes() == h.pkg.read_bytes()
+
+
+def test_helper_refuses_a_missing_signature(shared_tmp, signing):
+    keyring, _ = signing
+    h = Handover(shared_tmp)
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(keyring))
+    assert rc == 84, err
+    assert f"no signature {h.pkg}.sig" in err
+    assert not h.installed.exists()
+    # Without a keyring, signatures are not required (the sha256 is the anchor).
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(shared_tmp / "no-such-keyring.gpg"))
+    assert rc == 0, err
+    # ... unless the unit says a signature is required: then a missing
+    # keyring refuses every package.
+    h.installed.unlink()
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(shared_tmp / "no-such-keyring.gpg"),
+                         DSM_APPLY_REQUIRE_SIGNATURE="1")
+    assert rc == 86, err
+    rc, err = h.handover(DSM_APPLY_KEYRING="", DSM_APPLY_REQUIRE_SIGNATURE="1")
+    assert rc == 86, err
+    assert not h.installed.exists()
+
+
+def test_helper_refuses_a_bad_signature(shared_tmp, signing):
+    keyring, sign = signing
+    h = Handover(shared_tmp)
+    # A signature of other bytes: the daemon's own package with the
+    # signature of a genuine one.
+    genuine = shared_tmp / "genuine.deb"
+    genuine.write_bytes(h.pkg.read_bytes() + b"\n")
+    sign(genuine, out=Path(str(h.pkg) + ".sig"))
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(keyring))
+    assert rc == 85, err
+    assert "bad signature" in err and "BAD signature" in err
+    # A valid signature by a key that is not in the keyring.
+    sign(h.pkg, signer="stranger@example.com")
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(keyring))
+    assert rc == 85, err
+    # Garbage where the signature should be.
+    Path(str(h.pkg) + ".sig").write_bytes(b"-----BEGIN PGP SIGNATURE-----\nnope\n")
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(keyring))
+    assert rc == 85, err
+    assert not h.installed.exists()
+
+
+def test_helper_signature_does_not_excuse_name_or_version(shared_tmp, signing):
+    """A genuinely signed package is still refused when it is another
+    package or older than the installed one (a replayed old release)."""
+    keyring, sign = signing
+    h = Handover(shared_tmp, installed="9.1.0")
+    sign(h.pkg)
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(keyring))
+    assert rc == 82, err
+    make_deb(h.pkg, name="dsm-agent-tools")
+    sign(h.pkg)
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(keyring))
+    assert rc == 80, err
+    assert not h.installed.exists()
+
+
+def test_helper_refuses_a_keyring_others_can_write(shared_tmp, signing):
+    keyring, sign = signing
+    h = Handover(shared_tmp)
+    sign(h.pkg)
+    loose = shared_tmp / "keys"
+    loose.mkdir(mode=0o755)
+    shutil.copy(keyring, loose / "trusted.gpg")
+    (loose / "trusted.gpg").chmod(0o666)
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(loose / "trusted.gpg"))
+    assert rc == 86, err
+    assert "writable by group or others" in err
+    (loose / "trusted.gpg").chmod(0o644)
+    loose.chmod(0o777)
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(loose / "trusted.gpg"))
+    assert rc == 86, err
+    loose.chmod(0o755)
+    rc, err = h.handover(DSM_APPLY_KEYRING=str(loose / "trusted.gpg"))
+    assert rc == 0, err
+
+
 # --------------------------------------------------------------------------
 # the .deb
 
@@ -413,6 +703,7 @@ EXPECTED_DEB_FILES = [
     "./usr/lib/systemd/catalog/dsm-agent-sync.catalog",
     "./usr/share/doc/dsm-agent-sync/examples/agent-sync.ini",
     "./usr/share/doc/dsm-agent-sync/operations.md",
+    "./usr/share/doc/dsm-agent-sync/update-trust.md",
     "./usr/share/man/man8/dsm-agent-syncd.8.gz",
     "./usr/share/man/man8/dsm-agent-syncctl.8.gz",
     "./usr/share/man/man5/dsm-agent-sync.ini.5.gz",
