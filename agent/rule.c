@@ -127,9 +127,28 @@ static unsigned agreeing(const RuleAnswer *answers, size_t n, const Candidate *c
         return count;
 }
 
+/* A fixed order of the broker settings supporters report, to break a tie
+ * between two versions the same way whatever order the answers arrived in
+ * (the choice is arbitrary; P' itself corrects it, by a broker-only commit,
+ * when it answers). */
+static int source_compare(const ProviderState *a, const ProviderState *b) {
+        int r = strcmp(a->broker.host, b->broker.host);
+
+        if (r == 0)
+                r = (int) a->broker.port - (int) b->broker.port;
+        if (r == 0)
+                r = strcmp(a->broker.vhost, b->broker.vhost);
+        if (r == 0)
+                r = (int) a->broker.tls - (int) b->broker.tls;
+        if (r == 0)
+                r = strcmp(a->primary.api_url, b->primary.api_url);
+        return r;
+}
+
 /* Fills in everything the round says about (epoch, primary_id). The source of
  * the broker settings is P' itself when it answered; otherwise the version
- * most supporters agree on (lagging Standbys may still carry an older one). */
+ * most supporters agree on (lagging Standbys may still carry an older one),
+ * the first in source_compare() order on a tie. */
 static void candidate_evaluate(const RuleInput *in, Candidate *c) {
         const RuleAnswer *answers = in->answers;
         size_t n = in->n_answers;
@@ -149,7 +168,7 @@ static void candidate_evaluate(const RuleInput *in, Candidate *c) {
                         continue;
                 }
                 agree = agreeing(answers, n, c, s);
-                if (agree > best_agree) {
+                if (agree > best_agree || (agree == best_agree && source_compare(s, c->source) < 0)) {
                         best_agree = agree;
                         c->source = s;
                 }
