@@ -9,36 +9,43 @@
  * balancer; the committed pair is (E, P) with E = 7 (and E = 0, nothing
  * committed, in the sample); the state file's `known` list is full or
  * empty; every answer set is evaluated complete (partial=false) and in
- * flight (partial=true). Each node: no answer, a failed read (ok=false,
+ * flight (partial=true); a case is one such evaluation. Each node answers
+ * at most once, at its own endpoint: no answer, a failed read (ok=false,
  * carrying a tempting document: role=primary at E+2 naming itself, which
  * must be ignored), or a document: role {primary, standby} x epoch
  * {E-1, E, E+1, E+2} x the Primary it names (any of p1..pn) x its nodes list
- * {full, partial (full minus its predecessor pi-1), empty, self-only}; plus
- * the documents that report the committed pair (E, P) with new broker
- * fields (role x list), the only way a broker-only commit can arise. The
- * load balancer: no answer, a failed read, or any node's document.
+ * {full, partial (full minus its predecessor), empty, self-only}; plus the
+ * documents reporting (E, pj) with new broker fields (role x list), the
+ * only way a broker-only commit can arise. The load balancer: no answer, a
+ * failed read, or any node's document.
  *
+ * Two reductions hold in every exhaustive pass below:
+ *  - with `known` full, rule 6 makes the cluster all n nodes whatever the
+ *    nodes lists say, so the lists cannot matter to a correct rule: they
+ *    are fixed empty, the shape that broke the old rule (defect 1); with
+ *    `known` empty every list is enumerated;
+ *  - new broker fields only for the committed pair (E, P): for any other
+ *    pair they are just another version of the same candidate.
  * What is exhaustive (every element of the set, no sampling):
- *   n=2: everything above, the load balancer relaying either node's
- *        document: every combination.
- *   n=3: every combination of the three nodes' answers, known full and
- *        empty, committed (7, p1), no load balancer answer (the load
- *        balancer is covered by n=2 and the sample; invariant 4 proves its
- *        answer acts only through its nodes list).
- *   n=4: known full, committed (7, p1), no load balancer answer, every
- *        node's nodes list empty, all other fields every value. With the
- *        full cluster known, rule 6 makes the cluster all four nodes
- *        whatever the lists say, so the lists cannot matter to a correct
- *        rule; the empty list is the one that broke the old rule (defect
- *        1). Node ids p2..p4 are interchangeable (the committed Primary p1
- *        is fixed, the alphabet is closed under renaming p2..p4, and the
+ *   n=2: every answer of both nodes x every answer of the load balancer
+ *        (relaying either node's document) x known full/empty, committed
+ *        (7, p1) (the alphabet is symmetric under p1 <-> p2).
+ *   n=3: every answer of the three nodes x known full/empty, committed
+ *        (7, p1), no load balancer answer (covered by n=2 and the sample;
+ *        invariant 4 shows its answer acts only through its nodes list).
+ *   n=4: every answer of the four nodes, known full, committed (7, p1), no
+ *        load balancer answer. Node ids p2..p4 are interchangeable (p1 is
+ *        fixed, the alphabet is closed under renaming p2..p4, and the
  *        verdict does not depend on answer order: invariant 8), so only
- *        the lexicographically smallest tuple of each orbit of the 6
- *        renamings is evaluated.
+ *        the smallest tuple of each orbit of the 6 renamings is evaluated.
  * What is sampled (fixed seed, reproducible): the whole space for n = 2, 3,
- * 4 with every field free (lists, known, load balancer relaying any node,
+ * 4 with every field free (every list with known full or empty, the load
+ * balancer relaying any node's document, new broker fields for any pair,
  * committed epoch 0 or 7 with any committed Primary), each case also
- * evaluated with its answers permuted (invariant 8).
+ * evaluated with its answers permuted (invariant 8) and without its load
+ * balancer answer (invariant 4). A node answering twice (asked at two
+ * URLs) is outside the space: the contract does not say which answer
+ * counts.
  *
  * The invariants, checked on every verdict (numbers as printed):
  *  1 epoch: a commit is above the committed epoch, or a broker-only commit
@@ -75,8 +82,13 @@
  *    answer naming another Primary at >= E' is followed, at E' or at a
  *    higher epoch of P' itself); a broker change confirmed by P with no
  *    rival at E is committed; a partial round commits when rule 7 allows
- *    it and the pair is the highest confirmed one.
- *  8 order: permuting the answers changes nothing (sampled).
+ *    it and the pair is the highest confirmed one (when a majority reports
+ *    P' at a higher epoch than P' itself does, the round's decision is that
+ *    majority-confirmed pair, which rule 7 does not commit early).
+ *  8 order: permuting the answers changes nothing (sampled: every 61st
+ *    set of the exhaustive passes, every set of the sample); only which
+ *    two nodes a conflict names may differ when three or more claim one
+ *    epoch.
  *
  * A violation prints the case as a test_rule.c table row (replayable), the
  * verdict and the invariant, and the test fails. */
@@ -504,12 +516,6 @@ static bool dissent(const Facts *f, unsigned e, unsigned j) {
         return false;
 }
 
-/* Nobody but j claims primary at >= e, and nobody names another Primary
- * at >= e: the premise of the literal liveness statement. */
-static bool unopposed(const Facts *f, unsigned e, unsigned j) {
-        return !dissent(f, e, j);
-}
-
 /* ---- the invariants on one complete verdict ---- */
 
 static bool broker_matches(const BrokerInfo *b, unsigned j, bool new_broker) {
@@ -645,10 +651,12 @@ static void check_complete(const Case *c, const Facts *f, const RuleResult *r) {
                 if (r->verdict == RULE_COMMIT && !r->broker_only)
                         fail_case(7, c, r, "commit with no confirmed pair above E");
         }
-        /* the literal statement: P' answering primary at E' > E, unopposed at >= E' */
+        /* the literal statement: P' answering primary at E' > E, and no answer
+         * naming another Primary or claiming primary for another node at
+         * >= E', is followed (at E' or at a higher epoch of P' itself) */
         for (unsigned e = 0; e < N_EPOCHS; e++)
                 for (unsigned j = 0; j < f->n; j++)
-                        if (epoch_of(e) > c->cur_epoch && (f->self[e] & bit(j)) && unopposed(f, e, j) &&
+                        if (epoch_of(e) > c->cur_epoch && (f->self[e] & bit(j)) && !dissent(f, e, j) &&
                             (r->verdict != RULE_COMMIT || node_index(f, r->next.primary.id) != (int) j ||
                              r->next.epoch < epoch_of(e)))
                                 fail_case(7, c, r, "p%u answering primary at %llu unopposed is not followed",
@@ -939,8 +947,11 @@ static void test_two_nodes(void **st) {
                                 check_case(&w, &o);
                                 if (++sets % 61 == 0)
                                         check_permuted(&w, &o);
-                                if (s.kind == KIND_NONE)
+                                if (s.kind == KIND_NONE) { /* the first symbol */
+                                        bl.o[known] = o;
+                                        bl.valid[known] = true;
                                         continue;
+                                }
                                 m = known | (s.kind == KIND_OK ? s.nodes : 0);
                                 if (!bl.valid[m]) {
                                         Case b;
