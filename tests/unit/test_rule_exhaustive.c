@@ -868,12 +868,6 @@ static void case_from_symbols(Case *c, const unsigned *syms, const unsigned *dig
         }
 }
 
-static void report(const char *what, unsigned long sets, unsigned long evals, double seconds) {
-        printf("rule exhaustive: %s: %lu answer sets, %lu evaluations checked, %.2f s\n", what, sets,
-               evaluations - evals, seconds);
-        fflush(stdout);
-}
-
 static double now(void) {
         struct timespec ts;
 
@@ -901,6 +895,26 @@ static unsigned long failures_total(void) {
         return sum;
 }
 
+/* One pass: its failures, time and evaluations, reported at its end. */
+typedef struct Pass {
+        double t0;
+        unsigned long evals, sets;
+} Pass;
+
+static void pass_begin(Pass *p, unsigned n) {
+        failures_reset();
+        if (n)
+                docs_build(n);
+        *p = (Pass){.t0 = now(), .evals = evaluations};
+}
+
+static void pass_end(const Pass *p, const char *what) {
+        printf("rule exhaustive: %s: %lu answer sets, %lu evaluations checked, %.2f s\n", what, p->sets,
+               evaluations - p->evals, now() - p->t0);
+        fflush(stdout);
+        assert_int_equal(failures_total(), 0);
+}
+
 /* Results of one node tuple without a load balancer answer, for each known
  * mask (the baseline of invariant 4), computed on demand. */
 typedef struct Baseline {
@@ -919,12 +933,9 @@ static ContentFilter filter_for(unsigned known) {
 static void test_two_nodes(void **st) {
         unsigned syms[2 + 40 * MAX_N], n = 2;
         static Baseline bl;
-        unsigned long sets = 0;
-        double t0 = now();
-        unsigned long evals = evaluations;
+        Pass pass;
 
-        failures_reset();
-        docs_build(n);
+        pass_begin(&pass, n);
         for (unsigned known = 0; known <= full_mask(n); known += full_mask(n)) {
                 ContentFilter filter = filter_for(known);
                 unsigned digits[MAX_N] = {}, base = alphabet(n, filter, 0, syms);
@@ -945,7 +956,7 @@ static void test_two_nodes(void **st) {
                                 if (s.kind != KIND_NONE)
                                         w.ans[w.n_ans++] = s;
                                 check_case(&w, &o);
-                                if (++sets % 61 == 0)
+                                if (++pass.sets % 61 == 0)
                                         check_permuted(&w, &o);
                                 if (s.kind == KIND_NONE) { /* the first symbol */
                                         bl.o[known] = o;
@@ -964,19 +975,15 @@ static void test_two_nodes(void **st) {
                         }
                 } while (odometer_next(digits, n, base));
         }
-        report("2 nodes + load balancer, exhaustive", sets, evals, now() - t0);
-        assert_int_equal(failures_total(), 0);
+        pass_end(&pass, "2 nodes + load balancer, exhaustive");
 }
 
 /* n=3: every answer of the three nodes x known empty/full. */
 static void test_three_nodes(void **st) {
         unsigned syms[2 + 40 * MAX_N], n = 3;
-        unsigned long sets = 0;
-        double t0 = now();
-        unsigned long evals = evaluations;
+        Pass pass;
 
-        failures_reset();
-        docs_build(n);
+        pass_begin(&pass, n);
         for (unsigned known = 0; known <= full_mask(n); known += full_mask(n)) {
                 unsigned digits[MAX_N] = {}, base = alphabet(n, filter_for(known), 0, syms);
 
@@ -986,12 +993,11 @@ static void test_three_nodes(void **st) {
 
                         case_from_symbols(&c, syms, digits);
                         check_case(&c, &o);
-                        if (++sets % 61 == 0)
+                        if (++pass.sets % 61 == 0)
                                 check_permuted(&c, &o);
                 } while (odometer_next(digits, n, base));
         }
-        report("3 nodes, exhaustive", sets, evals, now() - t0);
-        assert_int_equal(failures_total(), 0);
+        pass_end(&pass, "3 nodes, exhaustive");
 }
 
 /* The renamings of p2..p4 (p1, the committed Primary, stays). */
@@ -1040,12 +1046,9 @@ static bool canonical(const unsigned *digits, unsigned n, unsigned map[6][2 + 40
 static void test_four_nodes(void **st) {
         static unsigned map[6][2 + 40 * MAX_N];
         unsigned syms[2 + 40 * MAX_N], digits[MAX_N] = {}, n = 4, base;
-        unsigned long sets = 0;
-        double t0 = now();
-        unsigned long evals = evaluations;
+        Pass pass;
 
-        failures_reset();
-        docs_build(n);
+        pass_begin(&pass, n);
         base = alphabet(n, empty_lists, 0, syms);
         for (unsigned p = 0; p < 6; p++)
                 for (unsigned i = 0; i < base; i++)
@@ -1058,12 +1061,10 @@ static void test_four_nodes(void **st) {
                         continue;
                 case_from_symbols(&c, syms, digits);
                 check_case(&c, &o);
-                if (++sets % 61 == 0)
+                if (++pass.sets % 61 == 0)
                         check_permuted(&c, &o);
         } while (odometer_next(digits, n, base));
-        report("4 nodes, known full, empty lists, up to renaming p2..p4, exhaustive", sets, evals,
-               now() - t0);
-        assert_int_equal(failures_total(), 0);
+        pass_end(&pass, "4 nodes, known full, empty lists, up to renaming p2..p4, exhaustive");
 }
 
 /* ---- the sample of the whole space ---- */
@@ -1096,11 +1097,9 @@ static void random_case(Case *c) {
 }
 
 static void test_sample(void **st) {
-        unsigned long sets = 0;
-        double t0 = now();
-        unsigned long evals = evaluations;
+        Pass pass;
 
-        failures_reset();
+        pass_begin(&pass, 0);
         rng_state = SAMPLE_SEED;
         for (unsigned i = 0; i < SAMPLE_CASES; i++) {
                 Case c;
@@ -1108,7 +1107,7 @@ static void test_sample(void **st) {
 
                 random_case(&c);
                 check_case(&c, &o);
-                sets++;
+                pass.sets++;
                 check_permuted(&c, &o);
                 for (size_t s = 0; s < c.n_ans; s++)
                         if (c.ans[s].lb) {
@@ -1120,8 +1119,7 @@ static void test_sample(void **st) {
                                 check_lb_equivalent(&c, &o, &ob);
                         }
         }
-        report("sample of the whole space (seed " SAMPLE_SEED_TEXT ")", sets, evals, now() - t0);
-        assert_int_equal(failures_total(), 0);
+        pass_end(&pass, "sample of the whole space (seed " SAMPLE_SEED_TEXT ")");
 }
 
 int main(void) {
