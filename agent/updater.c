@@ -2,13 +2,13 @@
  *   IDLE -> DOWNLOADING -> APPLYING -> IDLE (applied)
  *                 \-------------\----> FAILED (backing off)
  *
- * The download runs on its own libcurl multi handle wired into the sd-event
- * loop (CURLMOPT_SOCKETFUNCTION gives I/O sources, CURLMOPT_TIMERFUNCTION a
- * timer), so a slow Provider never blocks the loop. Bytes go to a
- * ".dl-<version>.XXXXXX" file in download_dir while their sha256 is
- * computed; only a file of exactly the offered size and hash is renamed to
- * "dsm-agent-<version>.pkg" and handed to the update command. Anything else
- * is unlinked, so a partial or forged package never reaches the command.
+ * The download runs on the updater's own libcurl multi handle on the
+ * sd-event loop (agent/curl-glue.c), so a slow Provider never blocks the
+ * loop. Bytes go to a ".dl-<version>.XXXXXX" file in download_dir while
+ * their sha256 is computed; only a file of exactly the offered size and
+ * hash is renamed to "dsm-agent-<version>.pkg" and handed to the update
+ * command. Anything else is unlinked, so a partial or forged package never
+ * reaches the command.
  *
  * The provider token goes only to the Provider's own origin (scheme, host
  * and port of the trusted api_url the caller names); a plain http:// offer
@@ -26,11 +26,11 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/epoll.h>
 #include <sys/stat.h>
 #include <time.h>
 
 #include "atomic_file.h"
+#include "curl-glue.h"
 #include "log.h"
 #include "macro.h"
 #include "runner.h"
@@ -46,13 +46,9 @@
 
 typedef struct Download {
         Updater *u;
-        CURLM *multi;
         CURL *easy;
         CURLU *url; /* the offer's URL as parsed for the origin check */
         struct curl_slist *headers;
-        sd_event_source *timer;
-        sd_event_source **ios; /* one per socket curl asked us to watch */
-        size_t n_ios;
         EVP_MD_CTX *md;
         int fd;
         uint64_t limit; /* the offered size: one byte more aborts */
@@ -89,6 +85,7 @@ struct Updater {
         uint64_t low_speed_bytes;
         usec_t low_speed_time, total_timeout;
 
+        CurlGlue *glue; /* one download at a time; each closes its connection (FORBID_REUSE) */
         Download *dl;
         Verify *verify;
         CURLU *offer_url; /* parsed at start; handed to the Download */
@@ -395,17 +392,10 @@ static Download *download_free(Download *d) {
         if (!d)
                 return NULL;
         if (d->easy) {
-                if (d->multi)
-                        curl_multi_remove_handle(d->multi, d->easy);
+                curl_glue_remove(d->u->glue, d->easy);
                 curl_easy_cleanup(d->easy);
         }
-        if (d->multi)
-                curl_multi_cleanup(d->multi);
         curl_url_cleanup(d->url);
-        for (size_t i = 0; i < d->n_ios; i++)
-                sd_event_source_disable_unref(d->ios[i]);
-        free(d->ios);
-        sd_event_source_disable_unref(d->timer);
         curl_slist_free_all(d->headers); /* holds the token: freed, not logged */
         EVP_MD_CTX_free(d->md);
         if (d->fd >= 0)
@@ -441,71 +431,6 @@ static size_t on_curl_write(char *ptr, size_t size, size_t nmemb, void *userdata
         }
         d->received += n;
         return n;
-}
-
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata);
-static int on_timer(sd_event_source *s, uint64_t usec, void *userdata);
-
-static void download_forget_io(Download *d, sd_event_source *src) {
-        for (size_t i = 0; i < d->n_ios; i++)
-                if (d->ios[i] == src) {
-                        d->ios[i] = d->ios[--d->n_ios];
-                        break;
-                }
-        sd_event_source_disable_unref(src);
-}
-
-/* CURLMOPT_SOCKETFUNCTION: curl says which events it wants on fd. */
-static int on_curl_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp) {
-        Download *d = userp;
-        sd_event_source *src = socketp, **ios;
-        uint32_t events = 0;
-
-        if (what == CURL_POLL_REMOVE) {
-                if (src) {
-                        curl_multi_assign(d->multi, fd, NULL);
-                        download_forget_io(d, src);
-                }
-                return 0;
-        }
-        if (what & CURL_POLL_IN)
-                events |= EPOLLIN;
-        if (what & CURL_POLL_OUT)
-                events |= EPOLLOUT;
-        if (src)
-                return sd_event_source_set_io_events(src, events) < 0 ? -1 : 0;
-
-        ios = reallocarray(d->ios, d->n_ios + 1, sizeof(*ios));
-        if (!ios)
-                return -1;
-        d->ios = ios;
-        if (sd_event_add_io(d->u->event, &src, fd, events, on_io, d) < 0)
-                return -1;
-        d->ios[d->n_ios++] = src;
-        (void) sd_event_source_set_description(src, "updater-curl-io");
-        return curl_multi_assign(d->multi, fd, src) == CURLM_OK ? 0 : -1;
-}
-
-/* CURLMOPT_TIMERFUNCTION: curl wants to be called after timeout_ms. */
-static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp) {
-        Download *d = userp;
-        uint64_t now, when;
-
-        if (timeout_ms < 0)
-                return d->timer ? (sd_event_source_set_enabled(d->timer, SD_EVENT_OFF) < 0 ? -1 : 0) : 0;
-        if (sd_event_now(d->u->event, CLOCK_MONOTONIC, &now) < 0)
-                return -1;
-        when = now + (uint64_t) timeout_ms * USEC_PER_MSEC;
-        if (!d->timer) {
-                if (sd_event_add_time(d->u->event, &d->timer, CLOCK_MONOTONIC, when, 0, on_timer, d) < 0)
-                        return -1;
-                (void) sd_event_source_set_description(d->timer, "updater-curl-timer");
-                return 0;
-        }
-        if (sd_event_source_set_time(d->timer, when) < 0 ||
-            sd_event_source_set_enabled(d->timer, SD_EVENT_ONESHOT) < 0)
-                return -1;
-        return 0;
 }
 
 static int fsync_dir(const char *dir) {
@@ -571,50 +496,21 @@ static int download_finish(Updater *u, Download *d, CURLcode res, char *reason, 
         return 0;
 }
 
-/* Drains curl's finished transfers; there is only ever ours. */
-static void download_check(Download *d) {
+/* From the loop (the glue): the transfer ended. */
+static void on_download_done(CURL *easy, CURLcode result, void *userdata) {
+        Download *d = userdata;
         Updater *u = d->u;
         char reason[GATE_REASON_MAX];
-        CURLMsg *msg;
-        int left, r;
+        int r;
 
-        while ((msg = curl_multi_info_read(d->multi, &left))) {
-                if (msg->msg != CURLMSG_DONE || msg->easy_handle != d->easy)
-                        continue;
-                r = download_finish(u, d, msg->data.result, reason, sizeof(reason));
-                log_debug("Download of %s ended after %llu bytes", u->offer.version,
-                          (unsigned long long) d->received);
-                u->dl = download_free(d);
-                if (r < 0)
-                        updater_fail(u, "%s", reason);
-                else
-                        updater_apply(u);
-                return; /* d is gone */
-        }
-}
-
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        Download *d = userdata;
-        int action = 0, running;
-
-        if (revents & EPOLLIN)
-                action |= CURL_CSELECT_IN;
-        if (revents & EPOLLOUT)
-                action |= CURL_CSELECT_OUT;
-        if (revents & (EPOLLERR | EPOLLHUP))
-                action |= CURL_CSELECT_ERR;
-        (void) curl_multi_socket_action(d->multi, fd, action, &running);
-        download_check(d);
-        return 0;
-}
-
-static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
-        Download *d = userdata;
-        int running;
-
-        (void) curl_multi_socket_action(d->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-        download_check(d);
-        return 0;
+        r = download_finish(u, d, result, reason, sizeof(reason));
+        log_debug("Download of %s ended after %llu bytes", u->offer.version,
+                  (unsigned long long) d->received);
+        u->dl = download_free(d);
+        if (r < 0)
+                updater_fail(u, "%s", reason);
+        else
+                updater_apply(u);
 }
 
 static int download_setup_easy(Updater *u, Download *d) {
@@ -688,9 +584,8 @@ static int download_new(Updater *u, Download **ret) {
 
         r = -ENOMEM;
         d->md = EVP_MD_CTX_new();
-        d->multi = curl_multi_init();
         d->easy = curl_easy_init();
-        if (!d->md || !d->multi || !d->easy)
+        if (!d->md || !d->easy)
                 goto fail;
         if (EVP_DigestInit_ex(d->md, EVP_sha256(), NULL) != 1) {
                 r = -EIO;
@@ -699,14 +594,9 @@ static int download_new(Updater *u, Download **ret) {
         r = download_setup_easy(u, d);
         if (r < 0)
                 goto fail;
-        if (curl_multi_setopt(d->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket) != CURLM_OK ||
-            curl_multi_setopt(d->multi, CURLMOPT_SOCKETDATA, d) != CURLM_OK ||
-            curl_multi_setopt(d->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer) != CURLM_OK ||
-            curl_multi_setopt(d->multi, CURLMOPT_TIMERDATA, d) != CURLM_OK ||
-            curl_multi_add_handle(d->multi, d->easy) != CURLM_OK) {
-                r = -EINVAL;
+        r = curl_glue_add(u->glue, d->easy, on_download_done, d);
+        if (r < 0)
                 goto fail;
-        }
         *ret = d;
         return 0;
 fail:
@@ -853,6 +743,8 @@ int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_
                 .total_timeout = 3600 * USEC_PER_SEC,
         };
         r = runner_new(e, "update", &u->runner);
+        if (r >= 0)
+                r = curl_glue_new(e, "updater", &u->glue);
         if (r < 0) {
                 updater_free(u);
                 return r;
@@ -868,6 +760,7 @@ Updater *updater_free(Updater *u) {
         if (!u)
                 return NULL;
         u->dl = download_free(u->dl);
+        u->glue = curl_glue_free(u->glue);
         u->verify = verify_free(u->verify);
         u->offer_url = curl_url_cleanup_p(u->offer_url);
         u->runner = runner_free(u->runner);
