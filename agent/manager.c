@@ -119,6 +119,7 @@ static void manager_update_warnings(Manager *m) {
 /* ---- the round scheduler ---- */
 
 static void on_round_done(Poller *p, void *userdata);
+static const PollerCallbacks poller_callbacks = {.done = on_round_done};
 
 static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         Manager *m = userdata;
@@ -164,7 +165,7 @@ static void manager_start_round(Manager *m) {
         m->round_pending = false;
         m->hint_pending = false;
         m->hint_deferred = false;
-        r = poller_start_round(m->poller, on_round_done, m);
+        r = poller_start_round(m->poller, &poller_callbacks, m);
         if (r < 0) {
                 log_warning_errno(r, "Cannot start a poll round");
                 manager_schedule_next(m);
@@ -253,6 +254,46 @@ void manager_request_hint_round(Manager *m, const char *why) {
         manager_request(m, why, true);
 }
 
+/* ---- the errors of poll targets, as logged ---- */
+
+/* The error last logged for url ("" none): kept only for failing targets,
+ * and only while they are targets. */
+static ReportedError *reported_find(Manager *m, const char *url) {
+        for (size_t i = 0; i < m->n_reported; i++)
+                if (strcmp(m->reported[i].url, url) == 0)
+                        return &m->reported[i];
+        return NULL;
+}
+
+static void reported_set(Manager *m, const char *url, const char *error) {
+        ReportedError *e = reported_find(m, url);
+
+        if (!e && error[0] && m->n_reported < ELEMENTSOF(m->reported)) {
+                e = &m->reported[m->n_reported++];
+                strscpy(e->url, sizeof(e->url), url);
+        }
+        if (!e)
+                return;
+        if (error[0])
+                strscpy(e->error, sizeof(e->error), error);
+        else
+                *e = m->reported[--m->n_reported];
+}
+
+/* A target that is dropped and comes back starts with nothing logged. */
+static void manager_forget_reports(Manager *m) {
+        PollRound round;
+
+        poller_get_round(m->poller, &round);
+        for (size_t i = m->n_reported; i-- > 0;) {
+                bool target = false;
+                for (size_t j = 0; !target && j < round.n_answers; j++)
+                        target = strcmp(round.answers[j].url, m->reported[i].url) == 0;
+                if (!target)
+                        m->reported[i] = m->reported[--m->n_reported];
+        }
+}
+
 /* ---- after a round: discovery ---- */
 
 static bool url_listed(const char *const *list, size_t n, const char *url) {
@@ -290,37 +331,37 @@ static void add_nodes(Manager *m, const char **list, size_t *n, size_t max, cons
 static bool manager_refresh_targets(Manager *m) {
         const char *extra[4 * PROVIDER_NODES_MAX];
         size_t n = 0;
-        bool added = false;
 
+        PollRound round;
+        int r;
+
+        poller_get_round(m->poller, &round);
         add_nodes(m, extra, &n, ELEMENTSOF(extra), m->state.nodes, m->state.n_nodes);
-        for (size_t i = 0; i < poller_n_targets(m->poller); i++) {
-                PollTarget *t = poller_target(m->poller, i);
-                if (!t->ok || (!t->via_load_balancer && m->state.committed.epoch > 0))
+        for (size_t i = 0; i < round.n_answers; i++) {
+                const PollAnswer *a = &round.answers[i];
+                if (!a->ok || (!a->via_load_balancer && m->state.committed.epoch > 0))
                         continue;
-                add_nodes(m, extra, &n, ELEMENTSOF(extra), t->state.nodes, t->state.n_nodes);
+                add_nodes(m, extra, &n, ELEMENTSOF(extra), a->state.nodes, a->state.n_nodes);
         }
-        bool known[4 * PROVIDER_NODES_MAX];
-        for (size_t i = 0; i < n; i++)
-                known[i] = poller_find(m->poller, extra[i]) != NULL;
-        if (poller_set_targets(m->poller, extra, n) < 0)
-                return false;
         /* New means: not polled before and actually taken (under the cap). */
-        for (size_t i = 0; i < n; i++)
-                if (!known[i] && poller_find(m->poller, extra[i]))
-                        added = true;
-        return added;
+        r = poller_set_targets(m->poller, extra, n);
+        manager_forget_reports(m);
+        return r > 0;
 }
 
 /* ---- after a round: the rule ---- */
 
 static const ProviderState *answer_of(Manager *m, const char *node_id, bool want_primary) {
-        for (size_t i = 0; i < poller_n_targets(m->poller); i++) {
-                PollTarget *t = poller_target(m->poller, i);
-                if (!t->ok || t->via_load_balancer || strcmp(t->state.node.id, node_id) != 0)
+        PollRound round;
+
+        poller_get_round(m->poller, &round);
+        for (size_t i = 0; i < round.n_answers; i++) {
+                const PollAnswer *a = &round.answers[i];
+                if (!a->ok || a->via_load_balancer || strcmp(a->state.node.id, node_id) != 0)
                         continue;
-                if (want_primary && t->state.role != NODE_ROLE_PRIMARY)
+                if (want_primary && a->state.role != NODE_ROLE_PRIMARY)
                         continue;
-                return &t->state;
+                return &a->state;
         }
         return NULL;
 }
@@ -330,15 +371,17 @@ static const ProviderState *answer_of(Manager *m, const char *node_id, bool want
 static bool manager_learn_nodes(Manager *m) {
         const Committed *c = &m->state.committed;
         const ProviderState *best = answer_of(m, c->primary.id, true);
+        PollRound round;
 
         if (best && best->epoch != c->epoch)
                 best = NULL;
-        for (size_t i = 0; !best && i < poller_n_targets(m->poller); i++) {
-                PollTarget *t = poller_target(m->poller, i);
-                if (t->ok && !t->via_load_balancer && t->state.epoch == c->epoch &&
-                    strcmp(t->state.primary.id, c->primary.id) == 0 &&
-                    (!best || t->state.n_nodes > best->n_nodes))
-                        best = &t->state;
+        poller_get_round(m->poller, &round);
+        for (size_t i = 0; !best && i < round.n_answers; i++) {
+                const PollAnswer *a = &round.answers[i];
+                if (a->ok && !a->via_load_balancer && a->state.epoch == c->epoch &&
+                    strcmp(a->state.primary.id, c->primary.id) == 0 &&
+                    (!best || a->state.n_nodes > best->n_nodes))
+                        best = &a->state;
         }
         if (!best || best->n_nodes == 0)
                 return false;
@@ -444,31 +487,43 @@ static void manager_commit(Manager *m, const RuleResult *res) {
 
 /* Logs a node that starts or stops failing, not every failed poll. */
 static void manager_log_targets(Manager *m) {
-        for (size_t i = 0; i < poller_n_targets(m->poller); i++) {
-                PollTarget *t = poller_target(m->poller, i);
-                if (strcmp(t->error, t->reported_error) == 0)
+        PollRound round;
+
+        poller_get_round(m->poller, &round);
+        for (size_t i = 0; i < round.n_answers; i++) {
+                const PollAnswer *a = &round.answers[i];
+                const ReportedError *e = reported_find(m, a->url);
+                if (strcmp(a->error, e ? e->error : "") == 0)
                         continue;
-                if (t->error[0])
+                if (a->error[0])
                         log_struct(LOG_WARNING, 0, NULL,
-                                   &(LogFields){.reason = t->error,
-                                                .node_id = t->have_state ? t->state.node.id : NULL},
-                                   "Provider %s%s failed: %s", t->url,
-                                   t->via_load_balancer ? " (load balancer)" : "", t->error);
+                                   &(LogFields){.reason = a->error,
+                                                .node_id = a->have_state ? a->state.node.id : NULL},
+                                   "Provider %s%s failed: %s", a->url,
+                                   a->via_load_balancer ? " (load balancer)" : "", a->error);
                 else
                         log_struct(LOG_NOTICE, 0, NULL,
-                                   &(LogFields){.node_id = t->have_state ? t->state.node.id : NULL},
-                                   "Provider %s answers again", t->url);
-                strscpy(t->reported_error, sizeof(t->reported_error), t->error);
+                                   &(LogFields){.node_id = a->have_state ? a->state.node.id : NULL},
+                                   "Provider %s answers again", a->url);
+                reported_set(m, a->url, a->error);
         }
 }
 
 /* ---- after a round: the update gate ---- */
 
-static const PollTarget *direct_answer(Manager *m, const NodeRef *node) {
-        PollTarget *t = poller_find(m->poller, node->api_url);
-        if (!t || t->via_load_balancer || !t->ok || strcmp(t->state.node.id, node->id) != 0)
-                return NULL;
-        return t;
+static const PollAnswer *direct_answer(Manager *m, const NodeRef *node) {
+        PollRound round;
+
+        poller_get_round(m->poller, &round);
+        for (size_t i = 0; i < round.n_answers; i++) {
+                const PollAnswer *a = &round.answers[i];
+                if (strcmp(a->url, node->api_url) != 0)
+                        continue;
+                if (a->via_load_balancer || !a->ok || strcmp(a->state.node.id, node->id) != 0)
+                        return NULL;
+                return a;
+        }
+        return NULL;
 }
 
 /* Fills nodes[] from this round and counts the consecutive rounds in which
@@ -480,7 +535,7 @@ static void manager_count_agreement(Manager *m, const AgentUpdate *offer, GateNo
         bool agree = offer && m->state.n_nodes > 0;
 
         for (size_t i = 0; i < m->state.n_nodes; i++) {
-                const PollTarget *t = direct_answer(m, &m->state.nodes[i]);
+                const PollAnswer *t = direct_answer(m, &m->state.nodes[i]);
                 strscpy(nodes[i].id, sizeof(nodes[i].id), m->state.nodes[i].id);
                 nodes[i].answered_direct = t != NULL;
                 if (t)
@@ -629,6 +684,7 @@ static void on_round_done(Poller *p, void *userdata) {
         RuleAnswer answers[64];
         size_t n = 0;
         RuleResult res;
+        PollRound round;
 
         (void) sd_event_source_set_enabled(m->round_deadline, SD_EVENT_OFF);
         m->in_round_done = true;
@@ -636,10 +692,11 @@ static void on_round_done(Poller *p, void *userdata) {
         m->last_poll_usec = now_usec(CLOCK_REALTIME);
         manager_log_targets(m);
 
-        for (size_t i = 0; i < poller_n_targets(p) && n < ELEMENTSOF(answers); i++) {
-                PollTarget *t = poller_target(p, i);
+        poller_get_round(p, &round);
+        for (size_t i = 0; i < round.n_answers && n < ELEMENTSOF(answers); i++) {
+                const PollAnswer *a = &round.answers[i];
                 answers[n++] = (RuleAnswer){
-                        .via_load_balancer = t->via_load_balancer, .ok = t->ok, .state = &t->state};
+                        .via_load_balancer = a->via_load_balancer, .ok = a->ok, .state = &a->state};
         }
         rule_evaluate(&(RuleInput){.current = &m->state.committed,
                                    .known = m->state.nodes,

@@ -26,6 +26,12 @@
 #define MANAGER_WARNING_MAX      256
 #define MANAGER_MAX_CHANGE_TIMES 8
 
+/* The last error logged for a failing poll target. */
+typedef struct ReportedError {
+        char url[PROVIDER_URL_MAX + 1];
+        char error[POLL_ERROR_MAX];
+} ReportedError;
+
 typedef struct Manager {
         sd_event *event;
         Config *config;
@@ -62,7 +68,9 @@ typedef struct Manager {
 
         /* What the last round concluded, for the status document. */
         RuleResult last_rule;
-        RuleStale logged_stale[16]; /* ring: stale primaries already logged */
+        RuleStale logged_stale[16];                 /* ring: stale primaries already logged */
+        ReportedError reported[POLLER_MAX_TARGETS]; /* poll targets failing, as last logged */
+        size_t n_reported;
         size_t logged_stale_next, logged_stale_used;
         char warnings[MANAGER_MAX_WARNINGS][MANAGER_WARNING_MAX];
         size_t n_warnings;

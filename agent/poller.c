@@ -1,15 +1,14 @@
 /* The poller: one round asks every target at once over the libcurl multi
- * interface, driven by the sd-event loop.
+ * interface, driven by the sd-event loop through a CurlGlue.
  *
- * curl tells us which sockets to watch (CURLMOPT_SOCKETFUNCTION: each one
- * becomes an sd-event I/O source) and when to call it back
- * (CURLMOPT_TIMERFUNCTION: one relative timer). Finished transfers are
- * drained after every socket action; when the last target of a round is
- * done, the round's callback runs from the loop. Each target keeps its
- * ETag and its last good answer, so a 304 costs no parsing. */
+ * Each target ends on its own (its answer callback runs); when the last
+ * target of a round is done, the round's done callback runs from the loop.
+ * What the manager reads (PollAnswer) sits in one array in target order,
+ * beside a parallel array of the private transfer state (PollTarget). Each
+ * target keeps its ETag and its last good answer, so a 304 costs no
+ * parsing. */
 #include "poller.h"
 
-#include <curl/curl.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -17,45 +16,70 @@
 #include <string.h>
 #include <time.h>
 
+#include "curl-glue.h"
 #include "log.h"
 #include "macro.h"
 
-#define STATE_PATH  "/api/v1/ha/state"
-#define MAX_TARGETS (CONFIG_MAX_ENDPOINTS + 1 + 2 * PROVIDER_NODES_MAX)
+#define STATE_PATH "/api/v1/ha/state"
+
+/* Private to the poller: the transfer of one target. Its answer is
+ * p->answers[t - p->targets]; neither array moves while a round is in
+ * flight. */
+typedef struct PollTarget {
+        Poller *poller;
+        CURL *easy;                 /* reused across rounds */
+        struct curl_slist *headers; /* of the request in flight */
+        char etag[256];             /* of the last good 200: sent as If-None-Match */
+        char pending_etag[256];     /* of the answer in flight, adopted only if its body is good */
+        char *body;
+        size_t body_len;
+        bool oversized; /* the body passed PROVIDER_BODY_MAX */
+        bool in_flight;
+} PollTarget;
 
 struct Poller {
-        sd_event *event;
         const Config *config;
-        CURLM *multi;
-        sd_event_source *timer;
+        CurlGlue *glue;
 
-        PollTarget *targets[MAX_TARGETS];
+        PollAnswer *answers; /* n_targets each, in target order */
+        PollTarget *targets;
         size_t n_targets;
 
         size_t in_flight;
         bool round_active;
-        poller_done_t done;
+        PollerCallbacks cb;
         void *userdata;
 };
 
-static void target_set_error(PollTarget *t, const char *fmt, ...) _printf_(2, 3);
-static void target_set_error(PollTarget *t, const char *fmt, ...) {
+static PollAnswer *answer_of(PollTarget *t) {
+        return &t->poller->answers[t - t->poller->targets];
+}
+
+static void answer_fail(PollAnswer *a, const char *fmt, ...) _printf_(2, 3);
+static void answer_fail(PollAnswer *a, const char *fmt, ...) {
         va_list ap;
 
         va_start(ap, fmt);
-        vsnprintf(t->error, sizeof(t->error), fmt, ap);
+        vsnprintf(a->error, sizeof(a->error), fmt, ap);
         va_end(ap);
-        t->ok = false;
+        a->ok = false;
+        a->outcome = POLL_ERROR;
 }
 
-static PollTarget *target_free(PollTarget *t) {
-        if (!t)
-                return NULL;
+static void target_reset_request(PollTarget *t) {
+        curl_slist_free_all(t->headers);
+        t->headers = NULL;
+        free(t->body);
+        t->body = NULL;
+        t->body_len = 0;
+        t->in_flight = false;
+}
+
+static void target_done(PollTarget *t) {
+        target_reset_request(t);
         if (t->easy)
                 curl_easy_cleanup(t->easy);
-        free(t->body);
-        free(t);
-        return NULL;
+        t->easy = NULL;
 }
 
 /* ---- curl callbacks ---- */
@@ -68,7 +92,7 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *userdata) {
         /* Returning less than n makes curl fail the transfer: that is how
          * the 1 MiB limit is enforced without reading the rest. */
         if (t->body_len + n > PROVIDER_BODY_MAX) {
-                target_set_error(t, "body over %d bytes", PROVIDER_BODY_MAX);
+                t->oversized = true;
                 return 0;
         }
         p = realloc(t->body, t->body_len + n + 1);
@@ -103,87 +127,9 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *userdata) {
         return n;
 }
 
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata);
-static void drain_finished(Poller *p);
-
-static int on_curl_socket(CURL *easy, curl_socket_t fd, int what, void *userdata, void *socketp) {
-        Poller *p = userdata;
-        sd_event_source *io = socketp;
-        uint32_t events = 0;
-        int r;
-
-        if (what == CURL_POLL_REMOVE) {
-                if (io) {
-                        sd_event_source_disable_unref(io);
-                        curl_multi_assign(p->multi, fd, NULL);
-                }
-                return 0;
-        }
-        if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
-                events |= EPOLLIN;
-        if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT)
-                events |= EPOLLOUT;
-
-        if (io) {
-                r = sd_event_source_set_io_events(io, events);
-                if (r < 0)
-                        return -1;
-                return sd_event_source_set_enabled(io, SD_EVENT_ON) < 0 ? -1 : 0;
-        }
-        r = sd_event_add_io(p->event, &io, fd, events, on_io, p);
-        if (r < 0) {
-                log_warning_errno(r, "Cannot watch a Provider connection");
-                return -1;
-        }
-        (void) sd_event_source_set_description(io, "poller-io");
-        curl_multi_assign(p->multi, fd, io);
-        return 0;
-}
-
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        Poller *p = userdata;
-        int action = 0, running;
-
-        if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR))
-                action |= CURL_CSELECT_IN;
-        if (revents & EPOLLOUT)
-                action |= CURL_CSELECT_OUT;
-        if (revents & EPOLLERR)
-                action |= CURL_CSELECT_ERR;
-        (void) curl_multi_socket_action(p->multi, fd, action, &running);
-        drain_finished(p);
-        return 0;
-}
-
-static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
-        Poller *p = userdata;
-        int running;
-
-        (void) curl_multi_socket_action(p->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-        drain_finished(p);
-        return 0;
-}
-
-static int on_curl_timer(CURLM *multi, long timeout_ms, void *userdata) {
-        Poller *p = userdata;
-        uint64_t when;
-        int r;
-
-        if (timeout_ms < 0)
-                return sd_event_source_set_enabled(p->timer, SD_EVENT_OFF) < 0 ? -1 : 0;
-
-        /* 0 means "as soon as possible"; curl must not be re-entered from
-         * here, so the loop's next iteration does it. */
-        when = now_usec(CLOCK_MONOTONIC) + (uint64_t) timeout_ms * USEC_PER_MSEC;
-        r = sd_event_source_set_time(p->timer, when);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(p->timer, SD_EVENT_ONESHOT);
-        return r < 0 ? -1 : 0;
-}
-
 /* ---- one target ---- */
 
-static int target_prepare(Poller *p, PollTarget *t) {
+static int target_prepare(Poller *p, PollTarget *t, const PollAnswer *a) {
         char url[PROVIDER_URL_MAX + sizeof(STATE_PATH)];
         const Config *c = p->config;
 
@@ -196,9 +142,8 @@ static int target_prepare(Poller *p, PollTarget *t) {
         /* Options from an earlier config (a removed ca_file) must not linger;
          * the connection cache lives in the multi handle and survives. */
         curl_easy_reset(e);
-        snprintf(url, sizeof(url), "%s%s", t->url, STATE_PATH);
+        snprintf(url, sizeof(url), "%s%s", a->url, STATE_PATH);
         curl_easy_setopt(e, CURLOPT_URL, url);
-        curl_easy_setopt(e, CURLOPT_PRIVATE, t);
         curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
         curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
         curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
@@ -217,7 +162,7 @@ static int target_prepare(Poller *p, PollTarget *t) {
         return 0;
 }
 
-static struct curl_slist *target_headers(const Poller *p, const PollTarget *t) {
+static struct curl_slist *target_headers(const Poller *p, const PollTarget *t, const PollAnswer *a) {
         struct curl_slist *h = NULL, *n;
         char line[320];
 
@@ -235,7 +180,7 @@ static struct curl_slist *target_headers(const Poller *p, const PollTarget *t) {
                         return NULL;
                 h = n;
         }
-        if (t->have_state && t->etag[0]) {
+        if (a->have_state && t->etag[0]) {
                 snprintf(line, sizeof(line), "If-None-Match: %s", t->etag);
                 n = curl_slist_append(h, line);
                 if (!n) {
@@ -252,82 +197,103 @@ static struct curl_slist *target_headers(const Poller *p, const PollTarget *t) {
         return n;
 }
 
-static void target_finish(Poller *p, PollTarget *t, CURLcode code) {
-        long status = 0;
+/* A 200's body: a valid state document becomes the answer. */
+static void answer_parse(PollTarget *t, PollAnswer *a) {
         char err[160];
         ProviderState *st;
         int r;
 
+        st = malloc(sizeof(*st));
+        if (!st) {
+                answer_fail(a, "out of memory");
+                return;
+        }
+        r = provider_state_parse(t->body ? t->body : "", t->body_len, st, err, sizeof(err));
+        if (r < 0)
+                answer_fail(a, "invalid state document: %s", err);
+        else {
+                a->state = *st;
+                a->have_state = true;
+                a->ok = true;
+                a->outcome = POLL_OK;
+                strscpy(t->etag, sizeof(t->etag), t->pending_etag);
+        }
+        free(st);
+}
+
+static void target_finish(PollTarget *t, CURLcode code) {
+        PollAnswer *a = answer_of(t);
+        long status = 0;
+
         curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
 
         if (code != CURLE_OK) {
-                if (t->error[0] == 0) /* the body limit already said why */
-                        target_set_error(t, "%s", curl_easy_strerror(code));
-        } else if (status == 304 && t->have_state) {
-                t->ok = true;
-        } else if (status != 200) {
-                target_set_error(t, "HTTP %ld", status);
-        } else {
-                st = malloc(sizeof(*st));
-                if (!st) {
-                        target_set_error(t, "out of memory");
-                } else {
-                        r = provider_state_parse(t->body ? t->body : "", t->body_len, st, err, sizeof(err));
-                        if (r < 0) {
-                                target_set_error(t, "invalid state document: %s", err);
-                        } else {
-                                t->state = *st;
-                                t->have_state = true;
-                                t->ok = true;
-                                strscpy(t->etag, sizeof(t->etag), t->pending_etag);
-                        }
-                        free(st);
-                }
-        }
-        if (t->ok) {
-                t->error[0] = 0;
-                t->last_seen_usec = now_usec(CLOCK_REALTIME);
+                if (t->oversized)
+                        answer_fail(a, "body over %d bytes", PROVIDER_BODY_MAX);
+                else
+                        answer_fail(a, "%s", curl_easy_strerror(code));
+        } else if (status == 304 && a->have_state) {
+                a->ok = true;
+                a->outcome = POLL_NOT_MODIFIED;
+        } else if (status != 200)
+                answer_fail(a, "HTTP %ld", status);
+        else
+                answer_parse(t, a);
+        if (a->ok) {
+                a->error[0] = 0;
+                a->last_seen_usec = now_usec(CLOCK_REALTIME);
         } else {
                 /* A failed read says nothing about the cached document: the
                  * next request must fetch a whole fresh one, never a 304. */
                 t->etag[0] = 0;
         }
-        free(t->body);
-        t->body = NULL;
-        t->body_len = 0;
-        t->in_flight = false;
+        /* curl no longer needs the request's header list. */
+        target_reset_request(t);
 }
 
-static void drain_finished(Poller *p) {
-        CURLMsg *msg;
-        int left;
+/* From the loop (the glue), as each transfer ends. */
+static void on_transfer_done(CURL *easy, CURLcode code, void *userdata) {
+        PollTarget *t = userdata;
+        Poller *p = t->poller;
 
-        while ((msg = curl_multi_info_read(p->multi, &left))) {
-                PollTarget *t = NULL;
-                struct curl_slist *headers = NULL;
-
-                if (msg->msg != CURLMSG_DONE)
-                        continue;
-                CURL *e = msg->easy_handle;
-                CURLcode code = msg->data.result;
-                curl_easy_getinfo(e, CURLINFO_PRIVATE, (char **) &t);
-                curl_multi_remove_handle(p->multi, e);
-                if (!t)
-                        continue;
-                target_finish(p, t, code);
-                /* curl no longer needs the request's header list. */
-                headers = t->headers;
-                t->headers = NULL;
-                curl_slist_free_all(headers);
-                if (p->in_flight > 0)
-                        p->in_flight--;
-        }
-
+        target_finish(t, code);
+        if (p->in_flight > 0)
+                p->in_flight--;
+        if (p->cb.answer)
+                p->cb.answer(p, (size_t) (t - p->targets), p->userdata);
         if (p->round_active && p->in_flight == 0) {
                 p->round_active = false;
-                if (p->done)
-                        p->done(p, p->userdata);
+                if (p->cb.done)
+                        p->cb.done(p, p->userdata);
         }
+}
+
+/* Sends one target's request; on failure the answer says why. */
+static void target_start(Poller *p, PollTarget *t, PollAnswer *a) {
+        int r;
+
+        a->ok = false;
+        a->outcome = POLL_PENDING;
+        a->error[0] = 0;
+        t->pending_etag[0] = 0;
+        t->oversized = false;
+        r = target_prepare(p, t, a);
+        if (r >= 0) {
+                t->headers = target_headers(p, t, a);
+                /* Never send a request without its token. */
+                if (!t->headers)
+                        r = -ENOMEM;
+        }
+        if (r >= 0) {
+                curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
+                r = curl_glue_add(p->glue, t->easy, on_transfer_done, t);
+        }
+        if (r < 0) {
+                answer_fail(a, "cannot start request: %s", strerror(-r));
+                return;
+        }
+        t->in_flight = true;
+        p->in_flight++;
 }
 
 /* ---- public ---- */
@@ -339,27 +305,14 @@ int poller_new(sd_event *e, const Config *cfg, Poller **ret) {
         p = calloc(1, sizeof(*p));
         if (!p)
                 return -ENOMEM;
-        p->event = sd_event_ref(e);
         p->config = cfg;
-        p->multi = curl_multi_init();
-        if (!p->multi) {
-                poller_free(p);
-                return -ENOMEM;
-        }
-        curl_multi_setopt(p->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
-        curl_multi_setopt(p->multi, CURLMOPT_SOCKETDATA, p);
-        curl_multi_setopt(p->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
-        curl_multi_setopt(p->multi, CURLMOPT_TIMERDATA, p);
-        /* Keep one connection per node across rounds (HTTP keep-alive). */
-        curl_multi_setopt(p->multi, CURLMOPT_MAXCONNECTS, (long) MAX_TARGETS);
-
-        r = sd_event_add_time(e, &p->timer, CLOCK_MONOTONIC, USEC_INFINITY, USEC_PER_MSEC, on_timer, p);
+        r = curl_glue_new(e, "poller", &p->glue);
         if (r < 0) {
                 poller_free(p);
                 return r;
         }
-        (void) sd_event_source_set_enabled(p->timer, SD_EVENT_OFF);
-        (void) sd_event_source_set_description(p->timer, "poller-timer");
+        /* Keep one connection per node across rounds (HTTP keep-alive). */
+        curl_multi_setopt(curl_glue_multi(p->glue), CURLMOPT_MAXCONNECTS, (long) POLLER_MAX_TARGETS);
 
         r = poller_set_targets(p, NULL, 0);
         if (r < 0) {
@@ -372,16 +325,11 @@ int poller_new(sd_event *e, const Config *cfg, Poller **ret) {
 
 void poller_abort(Poller *p) {
         for (size_t i = 0; i < p->n_targets; i++) {
-                PollTarget *t = p->targets[i];
+                PollTarget *t = &p->targets[i];
                 if (!t->in_flight)
                         continue;
-                curl_multi_remove_handle(p->multi, t->easy);
-                curl_slist_free_all(t->headers);
-                t->headers = NULL;
-                free(t->body);
-                t->body = NULL;
-                t->body_len = 0;
-                t->in_flight = false;
+                curl_glue_remove(p->glue, t->easy);
+                target_reset_request(t);
         }
         p->in_flight = 0;
         p->round_active = false;
@@ -390,14 +338,13 @@ void poller_abort(Poller *p) {
 Poller *poller_free(Poller *p) {
         if (!p)
                 return NULL;
-        if (p->multi)
+        if (p->glue)
                 poller_abort(p);
         for (size_t i = 0; i < p->n_targets; i++)
-                target_free(p->targets[i]);
-        if (p->multi)
-                curl_multi_cleanup(p->multi);
-        sd_event_source_disable_unref(p->timer);
-        sd_event_unref(p->event);
+                target_done(&p->targets[i]);
+        curl_glue_free(p->glue);
+        free(p->answers);
+        free(p->targets);
         free(p);
         return NULL;
 }
@@ -407,106 +354,121 @@ int poller_reconfigure(Poller *p, const Config *cfg) {
         return 0;
 }
 
-static PollTarget *find_in(PollTarget *const *list, size_t n, const char *url) {
+/* ---- the target set ---- */
+
+typedef struct Wanted {
+        const char *url;
+        bool via_load_balancer, configured, extra;
+} Wanted;
+
+static bool wanted_has(const Wanted *w, size_t n, const char *url) {
         for (size_t i = 0; i < n; i++)
-                if (list[i] && strcmp(list[i]->url, url) == 0)
-                        return list[i];
-        return NULL;
+                if (strcmp(w[i].url, url) == 0)
+                        return true;
+        return false;
 }
 
-/* Takes the target for url from the old list (keeping its ETag and last
- * answer) or makes a new one. */
-static int adopt_target(PollTarget **old, size_t n_old, PollTarget **list, size_t *n, const char *url,
-                        bool via_lb, bool configured) {
-        PollTarget *t = NULL;
-
-        if (*n >= MAX_TARGETS || find_in(list, *n, url))
+/* Appends url unless it is there already or the list is full. */
+static int wanted_add(Wanted *w, size_t *n, const char *url, bool via_lb, bool configured, bool extra) {
+        if (*n >= POLLER_MAX_TARGETS || wanted_has(w, *n, url))
                 return 0;
-        for (size_t i = 0; i < n_old; i++)
-                if (old[i] && strcmp(old[i]->url, url) == 0) {
-                        t = old[i];
-                        old[i] = NULL;
-                        break;
-                }
-        if (!t) {
-                t = calloc(1, sizeof(*t));
-                if (!t)
-                        return -ENOMEM;
-                if (strscpy(t->url, sizeof(t->url), url) < 0) {
-                        free(t);
-                        return -EINVAL;
-                }
-        }
-        t->via_load_balancer = via_lb;
-        t->configured = configured;
-        list[(*n)++] = t;
+        if (strlen(url) > PROVIDER_URL_MAX)
+                return -EINVAL;
+        w[(*n)++] =
+                (Wanted){.url = url, .via_load_balancer = via_lb, .configured = configured, .extra = extra};
         return 0;
 }
 
+static ssize_t find_target(const Poller *p, const char *url) {
+        for (size_t i = 0; i < p->n_targets; i++)
+                if (strcmp(p->answers[i].url, url) == 0)
+                        return (ssize_t) i;
+        return -1;
+}
+
+static bool targets_same(const Poller *p, const Wanted *w, size_t n) {
+        if (n != p->n_targets)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (strcmp(w[i].url, p->answers[i].url) != 0 ||
+                    w[i].via_load_balancer != p->answers[i].via_load_balancer ||
+                    w[i].configured != p->answers[i].configured)
+                        return false;
+        return true;
+}
+
+/* Builds the new arrays: a target that stays moves over with its ETag and
+ * last answer, the others are new. Returns how many extra ones are new. */
+static int targets_replace(Poller *p, const Wanted *w, size_t n) {
+        PollAnswer *answers = calloc(n ? n : 1, sizeof(*answers));
+        PollTarget *targets = calloc(n ? n : 1, sizeof(*targets));
+        bool kept[POLLER_MAX_TARGETS] = {};
+        int added = 0;
+
+        if (!answers || !targets) {
+                free(answers);
+                free(targets);
+                return -ENOMEM;
+        }
+        for (size_t i = 0; i < n; i++) {
+                ssize_t j = find_target(p, w[i].url);
+
+                if (j >= 0) {
+                        answers[i] = p->answers[j];
+                        targets[i] = p->targets[j];
+                        kept[j] = true;
+                } else {
+                        (void) strscpy(answers[i].url, sizeof(answers[i].url), w[i].url);
+                        added += w[i].extra;
+                }
+                answers[i].via_load_balancer = w[i].via_load_balancer;
+                answers[i].configured = w[i].configured;
+                targets[i].poller = p;
+        }
+        for (size_t j = 0; j < p->n_targets; j++)
+                if (!kept[j])
+                        target_done(&p->targets[j]);
+        free(p->answers);
+        free(p->targets);
+        p->answers = answers;
+        p->targets = targets;
+        p->n_targets = n;
+        return added;
+}
+
 int poller_set_targets(Poller *p, const char *const *extra, size_t n_extra) {
-        PollTarget *old[MAX_TARGETS], *list[MAX_TARGETS];
-        size_t n_old = p->n_targets, n = 0;
+        Wanted w[POLLER_MAX_TARGETS];
         const Config *c = p->config;
+        size_t n = 0;
         int r = 0;
 
         if (p->round_active)
                 return -EBUSY;
-        memcpy(old, p->targets, n_old * sizeof(old[0]));
-
         for (size_t i = 0; r >= 0 && i < c->n_endpoints; i++)
-                r = adopt_target(old, n_old, list, &n, c->endpoints[i], false, true);
+                r = wanted_add(w, &n, c->endpoints[i], false, true, false);
         for (size_t i = 0; r >= 0 && i < n_extra; i++)
-                r = adopt_target(old, n_old, list, &n, extra[i], false, false);
+                r = wanted_add(w, &n, extra[i], false, false, true);
         if (r >= 0 && c->load_balancer)
-                r = adopt_target(old, n_old, list, &n, c->load_balancer, true, true);
-        if (r < 0) {
-                /* Put everything back where it was. */
-                for (size_t i = 0; i < n; i++)
-                        if (!find_in(p->targets, p->n_targets, list[i]->url))
-                                target_free(list[i]);
+                r = wanted_add(w, &n, c->load_balancer, true, true, false);
+        if (r < 0)
                 return r;
-        }
-        for (size_t i = 0; i < n_old; i++)
-                target_free(old[i]);
-        memcpy(p->targets, list, n * sizeof(list[0]));
-        p->n_targets = n;
-        return 0;
+        /* The usual case after a round: nothing to move. */
+        if (targets_same(p, w, n))
+                return 0;
+        return targets_replace(p, w, n);
 }
 
-int poller_start_round(Poller *p, poller_done_t done, void *userdata) {
+int poller_start_round(Poller *p, const PollerCallbacks *cb, void *userdata) {
         if (p->round_active)
                 return -EBUSY;
         if (p->n_targets == 0)
                 return -ENOENT;
 
-        p->done = done;
+        p->cb = cb ? *cb : (PollerCallbacks){};
         p->userdata = userdata;
         p->round_active = true;
-        for (size_t i = 0; i < p->n_targets; i++) {
-                PollTarget *t = p->targets[i];
-                int r;
-
-                t->ok = false;
-                t->error[0] = 0;
-                t->pending_etag[0] = 0;
-                r = target_prepare(p, t);
-                if (r >= 0) {
-                        t->headers = target_headers(p, t);
-                        /* Never send a request without its token. */
-                        if (!t->headers)
-                                r = -ENOMEM;
-                }
-                if (r >= 0) {
-                        curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
-                        r = curl_multi_add_handle(p->multi, t->easy) == CURLM_OK ? 0 : -ENOMEM;
-                }
-                if (r < 0) {
-                        target_set_error(t, "cannot start request: %s", strerror(-r));
-                        continue;
-                }
-                t->in_flight = true;
-                p->in_flight++;
-        }
+        for (size_t i = 0; i < p->n_targets; i++)
+                target_start(p, &p->targets[i], &p->answers[i]);
         if (p->in_flight == 0) {
                 p->round_active = false;
                 return -ENOMEM;
@@ -522,10 +484,11 @@ size_t poller_n_targets(const Poller *p) {
         return p->n_targets;
 }
 
-PollTarget *poller_target(Poller *p, size_t i) {
-        return i < p->n_targets ? p->targets[i] : NULL;
-}
-
-PollTarget *poller_find(Poller *p, const char *url) {
-        return find_in(p->targets, p->n_targets, url);
+void poller_get_round(const Poller *p, PollRound *ret) {
+        *ret = (PollRound){
+                .answers = p->answers,
+                .n_answers = p->n_targets,
+                .n_pending = p->in_flight,
+                .in_flight = p->round_active,
+        };
 }

@@ -63,7 +63,7 @@ static json_t *primary_json(const Committed *c) {
 
 /* The node id of a target: from its own answer, else from the cluster
  * list persisted with the committed Primary. */
-static const char *target_id(const Manager *m, const PollTarget *t) {
+static const char *target_id(const Manager *m, const PollAnswer *t) {
         if (t->have_state)
                 return t->state.node.id;
         for (size_t i = 0; i < m->state.n_nodes; i++)
@@ -72,7 +72,7 @@ static const char *target_id(const Manager *m, const PollTarget *t) {
         return NULL;
 }
 
-static json_t *node_json(const Manager *m, const PollTarget *t) {
+static json_t *node_json(const Manager *m, const PollAnswer *t) {
         const ProviderState *st = t->have_state ? &t->state : NULL;
 
         return json_pack("{s:o, s:s, s:o, s:o, s:o, s:o, s:o}", "id", string_or_null(target_id(m, t)),
@@ -84,16 +84,25 @@ static json_t *node_json(const Manager *m, const PollTarget *t) {
                          rfc3339_or_null(t->last_seen_usec), "error", string_or_null(t->error));
 }
 
+/* The poller's latest round; none without a poller. */
+static PollRound round_of(const Manager *m) {
+        PollRound round = {};
+
+        if (m->poller)
+                poller_get_round(m->poller, &round);
+        return round;
+}
+
 /* Every node asked at its own address. The load balancer answers for an
  * arbitrary node, so it is never shown as one. */
 static json_t *nodes_json(Manager *m) {
         json_t *a = json_array();
-        size_t n = m->poller ? poller_n_targets(m->poller) : 0;
+        PollRound round = round_of(m);
 
-        for (size_t i = 0; a && i < n; i++) {
-                const PollTarget *t = poller_target(m->poller, i);
+        for (size_t i = 0; a && i < round.n_answers; i++) {
+                const PollAnswer *t = &round.answers[i];
 
-                if (!t || t->via_load_balancer)
+                if (t->via_load_balancer)
                         continue;
                 if (json_array_append_new(a, node_json(m, t)) < 0) {
                         json_decref(a);
@@ -117,15 +126,15 @@ static json_t *warnings_json(const Manager *m) {
 /* The version offered by the committed Primary's latest answer. */
 static const char *offered_version(Manager *m) {
         const Committed *c = &m->state.committed;
-        size_t n = m->poller ? poller_n_targets(m->poller) : 0;
+        PollRound round = round_of(m);
 
         if (c->epoch == 0)
                 return NULL;
-        for (size_t i = 0; i < n; i++) {
-                const PollTarget *t = poller_target(m->poller, i);
+        for (size_t i = 0; i < round.n_answers; i++) {
+                const PollAnswer *t = &round.answers[i];
 
-                if (t && !t->via_load_balancer && t->have_state &&
-                    strcmp(t->state.node.id, c->primary.id) == 0 && t->state.update.present)
+                if (!t->via_load_balancer && t->have_state && strcmp(t->state.node.id, c->primary.id) == 0 &&
+                    t->state.update.present)
                         return t->state.update.version;
         }
         return NULL;

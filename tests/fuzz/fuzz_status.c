@@ -41,18 +41,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 /* ---- stubs of the live pieces ---- */
 
-static PollTarget targets[MAX_TARGETS];
+static PollAnswer targets[MAX_TARGETS];
 static size_t n_targets;
 static BrokerConnState broker_now;
 static UpdaterPhase phase_now;
 static char updater_error[256];
 static bool updater_error_null;
 
-size_t poller_n_targets(const Poller *p) {
-        return n_targets;
-}
-PollTarget *poller_target(Poller *p, size_t i) {
-        return i < n_targets ? &targets[i] : NULL;
+void poller_get_round(const Poller *p, PollRound *ret) {
+        *ret = (PollRound){.answers = targets, .n_answers = n_targets};
 }
 BrokerConnState broker_state(const Broker *b) {
         return broker_now;
@@ -202,7 +199,7 @@ static void check_integer(json_t *v, uint64_t want) {
         CHECK(json_integer_value(v) >= 0 && (uint64_t) json_integer_value(v) == want);
 }
 
-static const char *expected_target_id(const Manager *m, const PollTarget *t) {
+static const char *expected_target_id(const Manager *m, const PollAnswer *t) {
         if (t->have_state)
                 return t->state.node.id;
         for (size_t i = 0; i < m->state.n_nodes; i++)
@@ -216,7 +213,7 @@ static const char *expected_offer(const Manager *m) {
         if (m->state.committed.epoch == 0 || !m->poller)
                 return NULL;
         for (size_t i = 0; i < n_targets; i++) {
-                const PollTarget *t = &targets[i];
+                const PollAnswer *t = &targets[i];
 
                 if (!t->via_load_balancer && t->have_state &&
                     strcmp(t->state.node.id, m->state.committed.primary.id) == 0 && t->state.update.present)
@@ -286,7 +283,7 @@ static void check_document(const Manager *m, json_t *d) {
         a = json_object_get(d, "nodes");
         CHECK(json_is_array(a));
         for (size_t i = 0; m->poller && i < n_targets; i++) {
-                const PollTarget *t = &targets[i];
+                const PollAnswer *t = &targets[i];
                 const ProviderState *st = t->have_state ? &t->state : NULL;
                 json_t *n;
 
@@ -335,7 +332,7 @@ static uint64_t clock_usec(const uint8_t *p) {
         return v % ((YEAR_9999 + 1) * USEC_PER_SEC);
 }
 
-static void build_target(PollTarget *t, const Chunk *ch, const uint8_t *clock) {
+static void build_target(PollAnswer *t, const Chunk *ch, const uint8_t *clock) {
         static char err[POLL_ERROR_MAX];
         const uint8_t *p = ch->p, *nl;
         size_t n = ch->n;
@@ -358,13 +355,16 @@ static void build_target(PollTarget *t, const Chunk *ch, const uint8_t *clock) {
         t->configured = flags & 2;
         if (flags & 4) {
                 /* A transport error: the text comes from libcurl or strerror. */
+                t->outcome = POLL_ERROR;
                 put_string(t->error, sizeof(t->error), p, n);
                 return;
         }
         if (provider_state_parse((const char *) p, n, &t->state, err, sizeof(err)) == 0) {
                 t->have_state = t->ok = true;
+                t->outcome = POLL_OK;
                 t->last_seen_usec = clock_usec(clock);
         } else {
+                t->outcome = POLL_ERROR;
                 snprintf(t->error, sizeof(t->error), "invalid state document: %s", err);
                 if (flags & 8) { /* a 304 keeps the last good answer */
                         memset(&t->state, 0, sizeof(t->state));

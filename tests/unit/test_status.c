@@ -13,15 +13,12 @@
 #include "manager.h"
 #include "version.h"
 
-static PollTarget targets[3];
+static PollAnswer targets[3];
 static size_t n_targets;
 static BrokerConnState broker_now = BROKER_CONNECTED;
 
-size_t poller_n_targets(const Poller *p) {
-        return n_targets;
-}
-PollTarget *poller_target(Poller *p, size_t i) {
-        return i < n_targets ? &targets[i] : NULL;
+void poller_get_round(const Poller *p, PollRound *ret) {
+        *ret = (PollRound){.answers = targets, .n_answers = n_targets};
 }
 BrokerConnState broker_state(const Broker *b) {
         return broker_now;
@@ -37,20 +34,23 @@ const char *updater_last_error(const Updater *u) {
 }
 
 static void target(size_t i, const char *url, const char *id, NodeRole role, const char *version, bool lb) {
-        PollTarget *t = &targets[i];
+        PollAnswer *t = &targets[i];
 
         memset(t, 0, sizeof(*t));
         strscpy(t->url, sizeof(t->url), url);
         t->via_load_balancer = lb;
         if (id) {
                 t->have_state = t->ok = true;
+                t->outcome = POLL_OK;
                 strscpy(t->state.node.id, sizeof(t->state.node.id), id);
                 t->state.role = role;
                 strscpy(t->state.version, sizeof(t->state.version), version);
                 t->state.epoch = 8;
                 t->last_seen_usec = UINT64_C(1795624200) * USEC_PER_SEC; /* 2026-11-25T16:30:00Z */
-        } else
+        } else {
+                t->outcome = POLL_ERROR;
                 strscpy(t->error, sizeof(t->error), "connection refused");
+        }
 }
 
 static void test_empty_manager(void **state) {
