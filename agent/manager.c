@@ -505,10 +505,12 @@ static void manager_count_agreement(Manager *m, const AgentUpdate *offer, GateNo
 
 /* The random delay is drawn once per offered version and kept across restarts. */
 static void manager_draw_delay(Manager *m, const AgentUpdate *offer) {
-        if (!offer || !m->config->update_enabled || strcmp(m->state.delay_version, offer->version) == 0)
+        UpdateRecord *u = &m->state.update;
+
+        if (!offer || !m->config->update_enabled || strcmp(u->delay_version, offer->version) == 0)
                 return;
-        strscpy(m->state.delay_version, sizeof(m->state.delay_version), offer->version);
-        m->state.delay_not_before_usec =
+        strscpy(u->delay_version, sizeof(u->delay_version), offer->version);
+        u->delay_not_before_usec =
                 now_usec(CLOCK_REALTIME) + (uint64_t) (random_unit() * (double) m->config->max_delay);
         (void) manager_save_state(m);
 }
@@ -559,7 +561,7 @@ static void manager_evaluate_gate(Manager *m) {
                 .enabled = c->update_enabled,
                 .offer = offer,
                 .installed = m->installed_version,
-                .applied = m->state.applied_version,
+                .applied = m->state.update.applied_version,
                 .nodes = nodes,
                 .n_nodes = m->state.n_nodes,
                 .agreeing_rounds = m->agreeing_rounds,
@@ -569,7 +571,7 @@ static void manager_evaluate_gate(Manager *m) {
                 .window_set = c->window_set,
                 .window_start_min = c->window_start_min,
                 .window_end_min = c->window_end_min,
-                .delay_not_before_usec = m->state.delay_not_before_usec,
+                .delay_not_before_usec = m->state.update.delay_not_before_usec,
         };
         gate_evaluate(&in, &res);
 
@@ -961,7 +963,7 @@ static int manager_add_modules(Manager *m) {
                                                m->config->notify_listen);
         }
         (void) updater_sweep(m->config);
-        r = updater_new(m->event, m->config, &m->state, on_updater_changed, m, &m->updater);
+        r = updater_new(m->event, m->config, &m->state.update, on_updater_changed, m, &m->updater);
         if (r < 0)
                 return log_error_errno(r, "Cannot set up the updater");
         return 0;

@@ -153,8 +153,8 @@ static json_t *update_json(Manager *m) {
                 default:
                         /* Open but idle: either about to start, or a failed
                          * apply backing off (also right after a restart). */
-                        if (m->gate.state == GATE_OPEN && m->state.failures > 0 &&
-                            streq_ptr(m->state.failed_version, offered_version(m))) {
+                        if (m->gate.state == GATE_OPEN && m->state.update.failures > 0 &&
+                            streq_ptr(m->state.update.failed_version, offered_version(m))) {
                                 state = "failed";
                                 reason = "retry_pending";
                         } else if (m->gate.state == GATE_OPEN) {

@@ -35,6 +35,7 @@
 #include "macro.h"
 #include "runner.h"
 #include "updater.h"
+#include "util.h"
 
 #define TEMP_PREFIX        ".dl-"
 #define PKG_PREFIX         "dsm-agent-"
@@ -76,7 +77,7 @@ typedef struct Verify {
 struct Updater {
         sd_event *event;
         const Config *cfg;
-        PersistentState *state;
+        UpdateRecord *record; /* the updater's part of the persistent state */
         updater_changed_t changed;
         void *userdata;
 
@@ -100,14 +101,6 @@ struct Updater {
 static CURLU *curl_url_cleanup_p(CURLU *h) {
         curl_url_cleanup(h);
         return NULL;
-}
-
-static void argv_free(char **argv) {
-        if (!argv)
-                return;
-        for (char **a = argv; *a; a++)
-                free(*a);
-        free(argv);
 }
 
 /* ---- validation ---- */
@@ -135,31 +128,10 @@ static int offer_check(const AgentUpdate *o) {
 
 /* ---- the Provider's origin ---- */
 
-typedef struct Origin {
-        char *scheme, *host, *port; /* curl_free()d */
-        unsigned long port_number;
-        bool userinfo; /* user, password or login options present */
-        bool zone;     /* an IPv6 zone id */
-} Origin;
-
-static void origin_done(Origin *o) {
-        curl_free(o->scheme);
-        curl_free(o->host);
-        curl_free(o->port);
-        *o = (Origin){0};
-}
-
-static bool url_part_present(CURLU *h, CURLUPart what) {
-        char *v = NULL;
-        bool present = curl_url_get(h, what, &v, 0) == CURLUE_OK;
-
-        curl_free(v);
-        return present;
-}
-
-/* Parses url with libcurl's own URL parser: the one that, for the offer,
- * also makes the request (the same handle goes to CURLOPT_CURLU), so the
- * origin check and the connection can never disagree about the host. */
+/* Parses url with libcurl's own URL parser, the one that also makes the
+ * request (the offer's handle goes to CURLOPT_CURLU); url_inspect() uses
+ * the same parser, so the origin check and the connection agree on the
+ * host. */
 static CURLU *url_parse(const char *url) {
         CURLU *h;
 
@@ -173,68 +145,56 @@ static CURLU *url_parse(const char *url) {
         return h;
 }
 
-/* Scheme (http or https only), host and port (80/443 when not given). */
-static int origin_of(CURLU *h, Origin *o) {
-        char *end;
+/* An IPv6 zone id ("fe80::1%eth0") names an interface of this machine, not
+ * an origin; UrlInfo does not carry it, so it is looked up here. */
+static bool url_has_zone(const char *url) {
+        CURLU *h = url_parse(url);
+        char *zone = NULL;
+        bool present = h && curl_url_get(h, CURLUPART_ZONEID, &zone, 0) == CURLUE_OK;
 
-        *o = (Origin){0};
-        if (curl_url_get(h, CURLUPART_SCHEME, &o->scheme, 0) != CURLUE_OK ||
-            curl_url_get(h, CURLUPART_HOST, &o->host, 0) != CURLUE_OK ||
-            curl_url_get(h, CURLUPART_PORT, &o->port, CURLU_DEFAULT_PORT) != CURLUE_OK ||
-            (strcasecmp(o->scheme, "http") != 0 && strcasecmp(o->scheme, "https") != 0) || !*o->host) {
-                origin_done(o);
-                return -EINVAL;
-        }
-        errno = 0;
-        o->port_number = strtoul(o->port, &end, 10);
-        if (errno || *end || o->port_number > 65535) {
-                origin_done(o);
-                return -EINVAL;
-        }
-        o->userinfo = url_part_present(h, CURLUPART_USER) || url_part_present(h, CURLUPART_PASSWORD) ||
-                      url_part_present(h, CURLUPART_OPTIONS);
-        o->zone = url_part_present(h, CURLUPART_ZONEID);
-        return 0;
+        curl_free(zone);
+        curl_url_cleanup(h);
+        return present;
 }
 
 /* Parses the offer URL into u->offer_url and decides whether the token may
- * go with it: only to the trusted api_url's scheme, host and port, and
- * never along with credentials of the URL's own. A plain http:// offer is
- * refused unless the trusted api_url is http:// itself (then the token
- * travels in clear anyway). Returns 0, or -1 with the reason. */
+ * go with it: only to the trusted api_url's scheme, host and port (80/443
+ * when not given), and never along with credentials of the URL's own. A
+ * plain http:// offer is refused unless the trusted api_url is http:// itself
+ * (then the token travels in clear anyway). Returns 0, or -1 with the
+ * reason. */
 static int offer_origin(Updater *u, const char *trusted_api_url, char *reason, size_t size) {
-        _cleanup_(origin_done) Origin offer = {0}, trusted = {0};
-        CURLU *t;
+        UrlInfo offer, trusted;
         bool trusted_ok;
 
         u->send_token = false;
         u->offer_url = url_parse(u->offer.url);
-        if (!u->offer_url || origin_of(u->offer_url, &offer) < 0) {
+        if (!u->offer_url || url_inspect(u->offer.url, &offer) < 0) {
                 snprintf(reason, size, "download_failed: invalid url");
                 return -1;
         }
-        t = url_parse(trusted_api_url);
-        trusted_ok = t && origin_of(t, &trusted) == 0;
-        curl_url_cleanup(t);
+        trusted_ok = url_inspect(trusted_api_url, &trusted) == 0;
 
-        if (strcasecmp(offer.scheme, "http") == 0 &&
-            (!trusted_ok || strcasecmp(trusted.scheme, "http") != 0)) {
+        if (!offer.https && (!trusted_ok || trusted.https)) {
                 snprintf(reason, size, "download_failed: insecure url");
                 return -1;
         }
-        u->send_token = trusted_ok && !offer.userinfo && !offer.zone && !trusted.zone &&
-                        strcasecmp(offer.scheme, trusted.scheme) == 0 &&
-                        strcasecmp(offer.host, trusted.host) == 0 &&
-                        offer.port_number == trusted.port_number;
+        u->send_token = trusted_ok && !offer.has_userinfo && !url_has_zone(u->offer.url) &&
+                        !url_has_zone(trusted_api_url) && url_same_origin(u->offer.url, trusted_api_url);
         return 0;
 }
 
 /* ---- the end of an attempt ---- */
 
+static void updater_changed(Updater *u) {
+        if (u->changed)
+                u->changed(u, u->userdata);
+}
+
 static void updater_fail(Updater *u, const char *fmt, ...) _printf_(2, 3);
 static void updater_fail(Updater *u, const char *fmt, ...) {
-        PersistentState *s = u->state;
-        usec_t backoff = BACKOFF_FIRST_USEC;
+        UpdateRecord *s = u->record;
+        usec_t backoff;
         va_list ap;
 
         va_start(ap, fmt);
@@ -247,10 +207,7 @@ static void updater_fail(Updater *u, const char *fmt, ...) {
         else
                 s->failures = 1;
         (void) strscpy(s->failed_version, sizeof(s->failed_version), u->offer.version);
-        for (unsigned i = 1; i < s->failures && backoff < BACKOFF_MAX_USEC; i++)
-                backoff *= 2;
-        if (backoff > BACKOFF_MAX_USEC)
-                backoff = BACKOFF_MAX_USEC;
+        backoff = backoff_usec(BACKOFF_FIRST_USEC, BACKOFF_MAX_USEC, s->failures);
         s->retry_not_before_usec = now_usec(CLOCK_REALTIME) + backoff;
 
         u->phase = UPDATER_FAILED;
@@ -258,8 +215,7 @@ static void updater_fail(Updater *u, const char *fmt, ...) {
                    &(LogFields){.version = u->offer.version, .reason = u->last_error},
                    "Agent update %s failed: %s; retry in %llus (failure %u)", u->offer.version,
                    u->last_error, (unsigned long long) (backoff / USEC_PER_SEC), s->failures);
-        if (u->changed)
-                u->changed(u, u->userdata);
+        updater_changed(u);
 }
 
 /* The backoff is kept in CLOCK_REALTIME (it must survive a restart), so a
@@ -267,7 +223,7 @@ static void updater_fail(Updater *u, const char *fmt, ...) {
  * the next attempt arbitrarily far away. No backoff is longer than 1 h:
  * anything later than that from now is pulled in to now + 1 h. Returns
  * whether the state changed. */
-static bool backoff_clamp(PersistentState *s, uint64_t now) {
+static bool backoff_clamp(UpdateRecord *s, uint64_t now) {
         if (s->retry_not_before_usec <= now || s->retry_not_before_usec - now <= BACKOFF_MAX_USEC)
                 return false;
         s->retry_not_before_usec = now + BACKOFF_MAX_USEC;
@@ -302,7 +258,7 @@ static void remove_old_packages(const char *dir, const char *keep) {
 }
 
 static void updater_applied(Updater *u) {
-        PersistentState *s = u->state;
+        UpdateRecord *s = u->record;
         const char *base = strrchr(u->pkg_path, '/');
 
         (void) strscpy(s->applied_version, sizeof(s->applied_version), u->offer.version);
@@ -315,8 +271,7 @@ static void updater_applied(Updater *u) {
         remove_old_packages(u->dir, base ? base + 1 : u->pkg_path);
         log_struct(LOG_NOTICE, 0, MID_UPDATE_APPLIED, &(LogFields){.version = u->offer.version},
                    "Agent update %s applied", u->offer.version);
-        if (u->changed)
-                u->changed(u, u->userdata);
+        updater_changed(u);
 }
 
 /* ---- applying ---- */
@@ -324,8 +279,7 @@ static void updater_applied(Updater *u) {
 static void on_command_done(Runner *r, int status, void *userdata) {
         Updater *u = userdata;
 
-        argv_free(u->argv);
-        u->argv = NULL;
+        u->argv = strv_free(u->argv);
 
         if (status == 0)
                 updater_applied(u);
@@ -340,28 +294,23 @@ static void on_command_done(Runner *r, int status, void *userdata) {
 }
 
 /* command + FILE + VERSION, copied so a reload may free the Config. */
-static int command_argv(const Updater *u, char ***ret) {
+static int command_argv(Updater *u, char ***ret) {
         char *const *cmd = u->cfg->update_command_argv;
+        _cleanup_(freep) char **v = NULL;
         size_t n = 0;
-        char **argv;
 
         if (!cmd || !cmd[0])
                 return -ENOEXEC;
         while (cmd[n])
                 n++;
-        argv = calloc(n + 3, sizeof(char *));
-        if (!argv)
+        v = calloc(n + 3, sizeof(char *));
+        if (!v)
                 return -ENOMEM;
-        for (size_t i = 0; i < n; i++)
-                if (!(argv[i] = strdup(cmd[i])))
-                        goto oom;
-        if (!(argv[n] = strdup(u->pkg_path)) || !(argv[n + 1] = strdup(u->offer.version)))
-                goto oom;
-        *ret = argv;
-        return 0;
-oom:
-        argv_free(argv);
-        return -ENOMEM;
+        memcpy(v, cmd, n * sizeof(char *));
+        v[n] = u->pkg_path;
+        v[n + 1] = u->offer.version;
+        *ret = strv_copy(v);
+        return *ret ? 0 : -ENOMEM;
 }
 
 static void updater_apply(Updater *u) {
@@ -383,8 +332,7 @@ static void updater_apply(Updater *u) {
                  u->offer.version);
         r = runner_start(u->runner, u->argv, env, u->cfg->command_timeout, on_command_done, u);
         if (r < 0) {
-                argv_free(u->argv);
-                u->argv = NULL;
+                u->argv = strv_free(u->argv);
                 updater_fail(u, "command_failed: %s", strerror(-r));
         }
 }
@@ -505,14 +453,6 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp) {
         if (sd_event_source_set_time(d->timer, when) < 0 ||
             sd_event_source_set_enabled(d->timer, SD_EVENT_ONESHOT) < 0)
                 return -1;
-        return 0;
-}
-
-static int fsync_dir(const char *dir) {
-        _cleanup_(closep) int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-
-        if (fd < 0 || fsync(fd) < 0)
-                return negative_errno();
         return 0;
 }
 
@@ -833,7 +773,7 @@ static int verify_start(Updater *u) {
 
 /* ---- public ---- */
 
-int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_changed_t changed,
+int updater_new(sd_event *e, const Config *cfg, UpdateRecord *record, updater_changed_t changed,
                 void *userdata, Updater **ret) {
         Updater *u;
         int r;
@@ -844,7 +784,7 @@ int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_
         *u = (Updater){
                 .event = sd_event_ref(e),
                 .cfg = cfg,
-                .state = state,
+                .record = record,
                 .changed = changed,
                 .userdata = userdata,
                 .phase = UPDATER_IDLE,
@@ -859,7 +799,7 @@ int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_
         }
         /* A restored backoff is no longer than one from now either; the
          * caller saves the state with its next change. */
-        (void) backoff_clamp(state, now_usec(CLOCK_REALTIME));
+        (void) backoff_clamp(record, now_usec(CLOCK_REALTIME));
         *ret = u;
         return 0;
 }
@@ -871,7 +811,7 @@ Updater *updater_free(Updater *u) {
         u->verify = verify_free(u->verify);
         u->offer_url = curl_url_cleanup_p(u->offer_url);
         u->runner = runner_free(u->runner);
-        argv_free(u->argv);
+        strv_free(u->argv);
         sd_event_unref(u->event);
         free(u);
         return NULL;
@@ -889,7 +829,7 @@ void updater_set_download_limits(Updater *u, uint64_t low_speed_bytes, usec_t lo
 }
 
 int updater_start(Updater *u, const AgentUpdate *offer, const char *trusted_api_url) {
-        PersistentState *s = u->state;
+        UpdateRecord *s = u->record;
         char reason[GATE_REASON_MAX];
         uint64_t now = now_usec(CLOCK_REALTIME);
         const char *base;
@@ -905,8 +845,7 @@ int updater_start(Updater *u, const AgentUpdate *offer, const char *trusted_api_
                         log_info("Next attempt of the Agent update %s was more than 1 h away (clock "
                                  "stepped back?), now at most 1 h",
                                  offer->version);
-                        if (u->changed)
-                                u->changed(u, u->userdata);
+                        updater_changed(u);
                 }
                 if (now < s->retry_not_before_usec)
                         return -EAGAIN;

@@ -2,7 +2,7 @@
  * event loop (TLS verified, bearer token to the Provider's own origin only,
  * at most `size` bytes, to a temporary file under download_dir), checks size
  * and sha256, renames it into place, runs `command FILE VERSION` through a Runner, and records a
- * success in the persistent state. Failures back off 1 min doubling to 1 h.
+ * success in the UpdateRecord it is handed. Failures back off 1 min doubling to 1 h.
  * Never two at once. */
 #pragma once
 
@@ -28,8 +28,10 @@ typedef enum UpdaterPhase {
  * must be saved, and when an update finished (applied or failed). */
 typedef void (*updater_changed_t)(Updater *u, void *userdata);
 
-/* state's backoff is pulled in to at most 1 h from now (see updater_start). */
-int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_changed_t changed,
+/* record is the updater's part of the persistent state, written by it and
+ * saved by the caller on changed(); its backoff is pulled in to at most 1 h
+ * from now (see updater_start). */
+int updater_new(sd_event *e, const Config *cfg, UpdateRecord *record, updater_changed_t changed,
                 void *userdata, Updater **ret);
 /* Stops a download (its temporary file removed) or a command (killed). */
 Updater *updater_free(Updater *u);

@@ -400,6 +400,10 @@ def test_no_token_to_other_origin(env, server, url, trusted):
         ("https://127.0.0.1/pkg", "https://127.0.0.1:443/", True),
         ("https://127.0.0.1/pkg", "https://127.0.0.1:8443/", False),
         ("https://127.0.0.1:80/pkg", "http://127.0.0.1/", False),  # same port, other scheme
+        ("http://[::1]/pkg", "http://[::1]:80/", True),
+        ("http://[::1%25lo]/pkg", "http://[::1]/", False),  # a zone id of its own
+        ("http://[::1]/pkg", "http://[::1%25lo]/", False),  # a zone id in the trusted api_url
+        ("http://;opt@127.0.0.1/pkg", "http://127.0.0.1/", False),  # login options count as userinfo
     ],
 )
 def test_default_ports(env, url, trusted, sent):

@@ -105,7 +105,7 @@ static int parse_offer(char **argv, AgentUpdate *o) {
         return errno || *end ? -EINVAL : 0;
 }
 
-static void print_retry_in(const PersistentState *s) {
+static void print_retry_in(const UpdateRecord *s) {
         struct timespec ts;
         uint64_t now;
 
@@ -164,7 +164,7 @@ static int run(Config *cfg, const AgentUpdate *offer, const char *trusted) {
                 sd_event_unref(d.event);
                 return EXIT_USAGE;
         }
-        r = updater_new(d.event, cfg, &state, on_changed, &d, &u);
+        r = updater_new(d.event, cfg, &state.update, on_changed, &d, &u);
         if (r < 0) {
                 fprintf(stderr, "updater_drive: updater_new: %s\n", strerror(-r));
                 sd_event_unref(d.event);
@@ -177,7 +177,7 @@ static int run(Config *cfg, const AgentUpdate *offer, const char *trusted) {
         r = updater_start(u, offer, trusted);
         if (r < 0) {
                 printf("result=failed\nreason=start: %s\n", errno_name(r));
-                print_retry_in(&state);
+                print_retry_in(&state.update);
                 (void) state_io(&state, true);
                 updater_free(u);
                 sd_event_unref(d.event);
@@ -194,10 +194,11 @@ static int run(Config *cfg, const AgentUpdate *offer, const char *trusted) {
         if (d.exit_code == EXIT_APPLIED || d.exit_code == EXIT_FAILED) {
                 printf("result=%s\nreason=%s\n", d.exit_code == EXIT_APPLIED ? "applied" : "failed",
                        updater_last_error(u));
-                printf("applied_version=%s\nfailures=%u\n", state.applied_version, state.failures);
+                printf("applied_version=%s\nfailures=%u\n", state.update.applied_version,
+                       state.update.failures);
                 printf("retry_start=%s\n",
                        errno_name(d.exit_code == EXIT_FAILED ? updater_start(u, offer, trusted) : 0));
-                print_retry_in(&state);
+                print_retry_in(&state.update);
                 (void) state_io(&state, true);
         } else
                 printf("result=%s\n", d.exit_code == EXIT_SIGNAL ? "stopped" : "timeout");
