@@ -150,6 +150,11 @@ static json_t *update_json(Manager *m) {
                         state = "failed";
                         reason = updater_last_error(m->updater);
                         break;
+                case UPDATER_READY:
+                        /* Verified and kept while the gate is closed: the
+                         * gate's verdict (held or waiting, and why) is what
+                         * it waits for. */
+                        break;
                 default:
                         /* Open but idle: either about to start, or a failed
                          * apply backing off (also right after a restart). */

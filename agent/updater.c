@@ -1,6 +1,12 @@
 /* The updater: one offered Agent package at a time goes
- *   IDLE -> DOWNLOADING -> APPLYING -> IDLE (applied)
- *                 \-------------\----> FAILED (backing off)
+ *   IDLE -> DOWNLOADING -> READY -> APPLYING -> IDLE (applied)
+ *                 \----------------------\----> FAILED (backing off)
+ *
+ * A verified package is not applied by the updater itself: it waits in
+ * READY, and the manager, told through ready(), checks the gate at that
+ * moment (contract 8: every condition holds when the command starts) and
+ * calls updater_apply() with the offer it would apply. A package whose gate
+ * has closed meanwhile stays READY until the gate opens again.
  *
  * The download runs on its own libcurl multi handle wired into the sd-event
  * loop (CURLMOPT_SOCKETFUNCTION gives I/O sources, CURLMOPT_TIMERFUNCTION a
@@ -78,12 +84,12 @@ struct Updater {
         sd_event *event;
         const Config *cfg;
         UpdateRecord *record; /* the updater's part of the persistent state */
-        updater_changed_t changed;
+        UpdaterCallbacks cb;
         void *userdata;
 
         UpdaterPhase phase;
         char last_error[GATE_REASON_MAX];
-        AgentUpdate offer;  /* the one in flight */
+        AgentUpdate offer;  /* the one in flight, or verified (READY) */
         char dir[PATH_MAX]; /* download_dir at start: a reload may change it */
         char pkg_path[PATH_MAX];
 
@@ -187,8 +193,8 @@ static int offer_origin(Updater *u, const char *trusted_api_url, char *reason, s
 /* ---- the end of an attempt ---- */
 
 static void updater_changed(Updater *u) {
-        if (u->changed)
-                u->changed(u, u->userdata);
+        if (u->cb.changed)
+                u->cb.changed(u, u->userdata);
 }
 
 static void updater_fail(Updater *u, const char *fmt, ...) _printf_(2, 3);
@@ -313,7 +319,7 @@ static int command_argv(Updater *u, char ***ret) {
         return *ret ? 0 : -ENOMEM;
 }
 
-static void updater_apply(Updater *u) {
+static void updater_run_command(Updater *u) {
         char sha_env[sizeof("DSM_UPDATE_SHA256=") + SHA256_HEX_LEN];
         char *env[] = {sha_env, NULL};
         int r;
@@ -335,6 +341,15 @@ static void updater_apply(Updater *u) {
                 u->argv = strv_free(u->argv);
                 updater_fail(u, "command_failed: %s", strerror(-r));
         }
+}
+
+/* The package of u->offer is verified and in place: it waits for the
+ * caller's go (updater_apply), which may come at once or much later. */
+static void updater_ready(Updater *u) {
+        u->phase = UPDATER_READY;
+        log_debug("Agent update %s verified, waiting for the gate", u->offer.version);
+        if (u->cb.ready)
+                u->cb.ready(u, &u->offer, u->userdata);
 }
 
 /* ---- downloading ---- */
@@ -528,7 +543,7 @@ static void download_check(Download *d) {
                 if (r < 0)
                         updater_fail(u, "%s", reason);
                 else
-                        updater_apply(u);
+                        updater_ready(u);
                 return; /* d is gone */
         }
 }
@@ -691,7 +706,7 @@ static void verify_end(Updater *u, bool ok) {
         if (ok) {
                 u->offer_url = curl_url_cleanup_p(u->offer_url);
                 log_info("Reusing the verified package %s", u->pkg_path);
-                updater_apply(u);
+                updater_ready(u);
                 return;
         }
         log_warning("Kept package %s no longer matches the offered size and sha256, downloading it again",
@@ -773,7 +788,7 @@ static int verify_start(Updater *u) {
 
 /* ---- public ---- */
 
-int updater_new(sd_event *e, const Config *cfg, UpdateRecord *record, updater_changed_t changed,
+int updater_new(sd_event *e, const Config *cfg, UpdateRecord *record, const UpdaterCallbacks *callbacks,
                 void *userdata, Updater **ret) {
         Updater *u;
         int r;
@@ -785,7 +800,7 @@ int updater_new(sd_event *e, const Config *cfg, UpdateRecord *record, updater_ch
                 .event = sd_event_ref(e),
                 .cfg = cfg,
                 .record = record,
-                .changed = changed,
+                .cb = callbacks ? *callbacks : (UpdaterCallbacks){},
                 .userdata = userdata,
                 .phase = UPDATER_IDLE,
                 .low_speed_bytes = 1024,
@@ -889,6 +904,18 @@ int updater_start(Updater *u, const AgentUpdate *offer, const char *trusted_api_
                 return 0;
         }
         updater_download(u);
+        return 0;
+}
+
+static bool offer_same(const AgentUpdate *a, const AgentUpdate *b) {
+        return a->present == b->present && a->size == b->size && strcmp(a->version, b->version) == 0 &&
+               strcmp(a->url, b->url) == 0 && strcmp(a->sha256, b->sha256) == 0;
+}
+
+int updater_apply(Updater *u, const AgentUpdate *offer) {
+        if (u->phase != UPDATER_READY || !offer || !offer_same(offer, &u->offer))
+                return -ESTALE;
+        updater_run_command(u);
         return 0;
 }
 

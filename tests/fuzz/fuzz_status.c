@@ -236,6 +236,8 @@ static void check_update(const Manager *m, json_t *u) {
                 } else if (phase_now == UPDATER_FAILED) {
                         state = "failed";
                         reason = updater_last_error(m->updater);
+                } else if (phase_now == UPDATER_READY) {
+                        /* the gate's verdict as it is */
                 } else if (m->gate.state == GATE_OPEN && m->state.update.failures > 0 &&
                            streq_ptr(m->state.update.failed_version, offer)) {
                         state = "failed";
@@ -390,7 +392,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         m.updater = (data[0] & 4) ? (Updater *) 1 : NULL;
         updater_error_null = data[0] & 8;
         broker_now = (BrokerConnState) (data[1] % 3);
-        phase_now = (UpdaterPhase) (data[2] % 4);
+        phase_now = (UpdaterPhase) (data[2] % 5);
         m.gate.state = (GateState) (data[3] % 6);
         m.state.update.failures = data[4];
         m.last_poll_usec = clock_usec(data + 8);
