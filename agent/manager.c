@@ -526,14 +526,17 @@ static const PollAnswer *direct_answer(Manager *m, const NodeRef *node) {
         return NULL;
 }
 
-/* Fills nodes[] from this round and counts the consecutive rounds in which
- * every node answered directly with the offered version. Counting starts
- * with the first round that sees the offer (contract 8), and rounds closer
- * together than half a poll interval (an event burst) count once. */
-static void manager_count_agreement(Manager *m, const AgentUpdate *offer, GateNode *nodes) {
+/* Fills m->gate_nodes from this round and counts the consecutive rounds in
+ * which every node answered directly with the offered version. Counting
+ * starts with the first round that sees the offer (contract 8), and rounds
+ * closer together than half a poll interval (an event burst) count once. */
+static void manager_count_agreement(Manager *m, const AgentUpdate *offer) {
         uint64_t now = now_usec(CLOCK_MONOTONIC);
         bool agree = offer && m->state.n_nodes > 0;
+        GateNode *nodes = m->gate_nodes;
 
+        memset(m->gate_nodes, 0, sizeof(m->gate_nodes));
+        m->n_gate_nodes = m->state.n_nodes;
         for (size_t i = 0; i < m->state.n_nodes; i++) {
                 const PollAnswer *t = direct_answer(m, &m->state.nodes[i]);
                 strscpy(nodes[i].id, sizeof(nodes[i].id), m->state.nodes[i].id);
@@ -560,10 +563,12 @@ static void manager_count_agreement(Manager *m, const AgentUpdate *offer, GateNo
 
 /* The random delay is drawn once per offered version and kept across restarts. */
 static void manager_draw_delay(Manager *m, const AgentUpdate *offer) {
-        if (!offer || !m->config->update_enabled || strcmp(m->state.delay_version, offer->version) == 0)
+        UpdateRecord *u = &m->state.update;
+
+        if (!offer || !m->config->update_enabled || strcmp(u->delay_version, offer->version) == 0)
                 return;
-        strscpy(m->state.delay_version, sizeof(m->state.delay_version), offer->version);
-        m->state.delay_not_before_usec =
+        strscpy(u->delay_version, sizeof(u->delay_version), offer->version);
+        u->delay_not_before_usec =
                 now_usec(CLOCK_REALTIME) + (uint64_t) (random_unit() * (double) m->config->max_delay);
         (void) manager_save_state(m);
 }
@@ -578,6 +583,10 @@ static bool gate_result_same(const GateResult *a, const GateResult *b) {
         if (a->state == GATE_WAITING)
                 return n == strcspn(b->reason, ":") && strncmp(a->reason, b->reason, n) == 0;
         return strcmp(a->reason, b->reason) == 0;
+}
+
+static const AgentUpdate *manager_gate_offer(Manager *m) {
+        return m->gate_offer.present ? &m->gate_offer : NULL;
 }
 
 static void manager_start_update(Manager *m, const AgentUpdate *offer) {
@@ -596,27 +605,18 @@ static void manager_start_update(Manager *m, const AgentUpdate *offer) {
         }
 }
 
-static void manager_evaluate_gate(Manager *m) {
+/* The gate as of now: the latest round's answers, agreement and offer,
+ * with the clock, the configuration and the settings writer of this
+ * moment (a SIGHUP or an on_change since the round counts). */
+static void manager_compute_gate(Manager *m, GateResult *ret) {
         const Config *c = m->config;
-        const ProviderState *primary = answer_of(m, m->state.committed.primary.id, true);
-        const AgentUpdate *offer = NULL;
-        GateNode nodes[PROVIDER_NODES_MAX] = {};
-        GateResult res;
-
-        /* The offer is the committed Primary's, at the committed epoch. */
-        if (primary && primary->epoch == m->state.committed.epoch && primary->update.present)
-                offer = &primary->update;
-        manager_count_agreement(m, offer, nodes);
-        (void) updater_read_installed(c, m->installed_version, sizeof(m->installed_version));
-        manager_draw_delay(m, offer);
-
         GateInput in = {
                 .enabled = c->update_enabled,
-                .offer = offer,
+                .offer = manager_gate_offer(m),
                 .installed = m->installed_version,
-                .applied = m->state.applied_version,
-                .nodes = nodes,
-                .n_nodes = m->state.n_nodes,
+                .applied = m->state.update.applied_version,
+                .nodes = m->gate_nodes,
+                .n_nodes = m->n_gate_nodes,
                 .agreeing_rounds = m->agreeing_rounds,
                 .stable_rounds = c->stable_rounds,
                 .settings_busy = m->settings && settings_writer_busy(m->settings),
@@ -624,19 +624,46 @@ static void manager_evaluate_gate(Manager *m) {
                 .window_set = c->window_set,
                 .window_start_min = c->window_start_min,
                 .window_end_min = c->window_end_min,
-                .delay_not_before_usec = m->state.delay_not_before_usec,
+                .delay_not_before_usec = m->state.update.delay_not_before_usec,
         };
-        gate_evaluate(&in, &res);
+        gate_evaluate(&in, ret);
+}
 
-        if ((res.state == GATE_HELD || res.state == GATE_WAITING) && !gate_result_same(&m->gate, &res))
+/* Acts on a verdict: a held or waiting one is logged when it is news; an
+ * open one runs the verified package of this very offer, or starts (or
+ * replaces) the download. A closed gate runs nothing. */
+static void manager_act_on_gate(Manager *m, const GateResult *res) {
+        const AgentUpdate *offer = manager_gate_offer(m);
+
+        if ((res->state == GATE_HELD || res->state == GATE_WAITING) && !gate_result_same(&m->gate, res))
                 log_struct(LOG_INFO, 0, MID_UPDATE_HELD,
-                           &(LogFields){.version = offer ? offer->version : NULL, .reason = res.reason},
+                           &(LogFields){.version = offer ? offer->version : NULL, .reason = res->reason},
                            "Agent update %s %s: %s", offer ? offer->version : "",
-                           gate_state_to_string(res.state), res.reason);
-        m->gate = res;
+                           gate_state_to_string(res->state), res->reason);
+        m->gate = *res;
 
-        if (res.state == GATE_OPEN && m->updater)
-                manager_start_update(m, offer);
+        if (res->state != GATE_OPEN || !m->updater)
+                return;
+        /* -ESTALE: the kept package is of another offer; this one replaces it. */
+        if (updater_phase(m->updater) == UPDATER_READY && updater_apply(m->updater, offer) == 0)
+                return;
+        manager_start_update(m, offer);
+}
+
+static void manager_evaluate_gate(Manager *m) {
+        const ProviderState *primary = answer_of(m, m->state.committed.primary.id, true);
+        GateResult res;
+
+        /* The offer is the committed Primary's, at the committed epoch. */
+        m->gate_offer = (AgentUpdate){};
+        if (primary && primary->epoch == m->state.committed.epoch && primary->update.present)
+                m->gate_offer = primary->update;
+        manager_count_agreement(m, manager_gate_offer(m));
+        (void) updater_read_installed(m->config, m->installed_version, sizeof(m->installed_version));
+        manager_draw_delay(m, manager_gate_offer(m));
+
+        manager_compute_gate(m, &res);
+        manager_act_on_gate(m, &res);
 }
 
 /* ---- the round's end ---- */
@@ -787,6 +814,25 @@ static void on_updater_changed(Updater *u, void *userdata) {
         (void) updater_read_installed(m->config, m->installed_version, sizeof(m->installed_version));
         manager_send_status(m);
 }
+
+/* A package is verified, maybe long after the round that opened the gate:
+ * the gate is judged again now (contract 8: every condition holds when the
+ * command starts). Closed, the package stays kept, and the round that
+ * finds the gate open again applies it. */
+static void on_updater_ready(Updater *u, const AgentUpdate *offer, void *userdata) {
+        Manager *m = userdata;
+        GateResult res;
+
+        (void) updater_read_installed(m->config, m->installed_version, sizeof(m->installed_version));
+        manager_compute_gate(m, &res);
+        if (res.state != GATE_OPEN)
+                log_info("Agent update %s verified and kept, not applied now: update %s%s%s", offer->version,
+                         gate_state_to_string(res.state), res.reason[0] ? ": " : "", res.reason);
+        manager_act_on_gate(m, &res);
+        manager_send_status(m);
+}
+
+static const UpdaterCallbacks updater_callbacks = {.changed = on_updater_changed, .ready = on_updater_ready};
 
 /* ---- signals and the watchdog ---- */
 
@@ -1018,7 +1064,7 @@ static int manager_add_modules(Manager *m) {
                                                m->config->notify_listen);
         }
         (void) updater_sweep(m->config);
-        r = updater_new(m->event, m->config, &m->state, on_updater_changed, m, &m->updater);
+        r = updater_new(m->event, m->config, &m->state.update, &updater_callbacks, m, &m->updater);
         if (r < 0)
                 return log_error_errno(r, "Cannot set up the updater");
         return 0;

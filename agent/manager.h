@@ -79,8 +79,12 @@ typedef struct Manager {
         uint64_t change_times[MANAGER_MAX_CHANGE_TIMES]; /* CLOCK_MONOTONIC of recent Primary changes */
         size_t n_change_times;
 
-        /* Update gate memory across rounds. */
+        /* Update gate memory across rounds. The latest round's inputs are
+         * kept so the gate can be judged again when a package is ready. */
         GateResult gate;
+        GateNode gate_nodes[PROVIDER_NODES_MAX]; /* the latest round's */
+        size_t n_gate_nodes;
+        AgentUpdate gate_offer; /* the latest round's offer; .present false: none */
         unsigned agreeing_rounds;
         uint64_t agreement_counted_usec; /* CLOCK_MONOTONIC of the last round counted */
         char agreeing_version[PROVIDER_VERSION_MAX + 1];

@@ -159,11 +159,16 @@ static json_t *update_json(Manager *m) {
                         state = "failed";
                         reason = updater_last_error(m->updater);
                         break;
+                case UPDATER_READY:
+                        /* Verified and kept while the gate is closed: the
+                         * gate's verdict (held or waiting, and why) is what
+                         * it waits for. */
+                        break;
                 default:
                         /* Open but idle: either about to start, or a failed
                          * apply backing off (also right after a restart). */
-                        if (m->gate.state == GATE_OPEN && m->state.failures > 0 &&
-                            streq_ptr(m->state.failed_version, offered_version(m))) {
+                        if (m->gate.state == GATE_OPEN && m->state.update.failures > 0 &&
+                            streq_ptr(m->state.update.failed_version, offered_version(m))) {
                                 state = "failed";
                                 reason = "retry_pending";
                         } else if (m->gate.state == GATE_OPEN) {

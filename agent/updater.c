@@ -1,6 +1,12 @@
 /* The updater: one offered Agent package at a time goes
- *   IDLE -> DOWNLOADING -> APPLYING -> IDLE (applied)
- *                 \-------------\----> FAILED (backing off)
+ *   IDLE -> DOWNLOADING -> READY -> APPLYING -> IDLE (applied)
+ *                 \----------------------\----> FAILED (backing off)
+ *
+ * A verified package is not applied by the updater itself: it waits in
+ * READY, and the manager, told through ready(), checks the gate at that
+ * moment (contract 8: every condition holds when the command starts) and
+ * calls updater_apply() with the offer it would apply. A package whose gate
+ * has closed meanwhile stays READY until the gate opens again.
  *
  * The download runs on the updater's own libcurl multi handle on the
  * sd-event loop (agent/curl-glue.c), so a slow Provider never blocks the
@@ -35,6 +41,7 @@
 #include "macro.h"
 #include "runner.h"
 #include "updater.h"
+#include "util.h"
 
 #define TEMP_PREFIX        ".dl-"
 #define PKG_PREFIX         "dsm-agent-"
@@ -72,13 +79,13 @@ typedef struct Verify {
 struct Updater {
         sd_event *event;
         const Config *cfg;
-        PersistentState *state;
-        updater_changed_t changed;
+        UpdateRecord *record; /* the updater's part of the persistent state */
+        UpdaterCallbacks cb;
         void *userdata;
 
         UpdaterPhase phase;
         char last_error[GATE_REASON_MAX];
-        AgentUpdate offer;  /* the one in flight */
+        AgentUpdate offer;  /* the one in flight, or verified (READY) */
         char dir[PATH_MAX]; /* download_dir at start: a reload may change it */
         char pkg_path[PATH_MAX];
 
@@ -97,14 +104,6 @@ struct Updater {
 static CURLU *curl_url_cleanup_p(CURLU *h) {
         curl_url_cleanup(h);
         return NULL;
-}
-
-static void argv_free(char **argv) {
-        if (!argv)
-                return;
-        for (char **a = argv; *a; a++)
-                free(*a);
-        free(argv);
 }
 
 /* ---- validation ---- */
@@ -132,31 +131,10 @@ static int offer_check(const AgentUpdate *o) {
 
 /* ---- the Provider's origin ---- */
 
-typedef struct Origin {
-        char *scheme, *host, *port; /* curl_free()d */
-        unsigned long port_number;
-        bool userinfo; /* user, password or login options present */
-        bool zone;     /* an IPv6 zone id */
-} Origin;
-
-static void origin_done(Origin *o) {
-        curl_free(o->scheme);
-        curl_free(o->host);
-        curl_free(o->port);
-        *o = (Origin){0};
-}
-
-static bool url_part_present(CURLU *h, CURLUPart what) {
-        char *v = NULL;
-        bool present = curl_url_get(h, what, &v, 0) == CURLUE_OK;
-
-        curl_free(v);
-        return present;
-}
-
-/* Parses url with libcurl's own URL parser: the one that, for the offer,
- * also makes the request (the same handle goes to CURLOPT_CURLU), so the
- * origin check and the connection can never disagree about the host. */
+/* Parses url with libcurl's own URL parser, the one that also makes the
+ * request (the offer's handle goes to CURLOPT_CURLU); url_inspect() uses
+ * the same parser, so the origin check and the connection agree on the
+ * host. */
 static CURLU *url_parse(const char *url) {
         CURLU *h;
 
@@ -170,68 +148,56 @@ static CURLU *url_parse(const char *url) {
         return h;
 }
 
-/* Scheme (http or https only), host and port (80/443 when not given). */
-static int origin_of(CURLU *h, Origin *o) {
-        char *end;
+/* An IPv6 zone id ("fe80::1%eth0") names an interface of this machine, not
+ * an origin; UrlInfo does not carry it, so it is looked up here. */
+static bool url_has_zone(const char *url) {
+        CURLU *h = url_parse(url);
+        char *zone = NULL;
+        bool present = h && curl_url_get(h, CURLUPART_ZONEID, &zone, 0) == CURLUE_OK;
 
-        *o = (Origin){0};
-        if (curl_url_get(h, CURLUPART_SCHEME, &o->scheme, 0) != CURLUE_OK ||
-            curl_url_get(h, CURLUPART_HOST, &o->host, 0) != CURLUE_OK ||
-            curl_url_get(h, CURLUPART_PORT, &o->port, CURLU_DEFAULT_PORT) != CURLUE_OK ||
-            (strcasecmp(o->scheme, "http") != 0 && strcasecmp(o->scheme, "https") != 0) || !*o->host) {
-                origin_done(o);
-                return -EINVAL;
-        }
-        errno = 0;
-        o->port_number = strtoul(o->port, &end, 10);
-        if (errno || *end || o->port_number > 65535) {
-                origin_done(o);
-                return -EINVAL;
-        }
-        o->userinfo = url_part_present(h, CURLUPART_USER) || url_part_present(h, CURLUPART_PASSWORD) ||
-                      url_part_present(h, CURLUPART_OPTIONS);
-        o->zone = url_part_present(h, CURLUPART_ZONEID);
-        return 0;
+        curl_free(zone);
+        curl_url_cleanup(h);
+        return present;
 }
 
 /* Parses the offer URL into u->offer_url and decides whether the token may
- * go with it: only to the trusted api_url's scheme, host and port, and
- * never along with credentials of the URL's own. A plain http:// offer is
- * refused unless the trusted api_url is http:// itself (then the token
- * travels in clear anyway). Returns 0, or -1 with the reason. */
+ * go with it: only to the trusted api_url's scheme, host and port (80/443
+ * when not given), and never along with credentials of the URL's own. A
+ * plain http:// offer is refused unless the trusted api_url is http:// itself
+ * (then the token travels in clear anyway). Returns 0, or -1 with the
+ * reason. */
 static int offer_origin(Updater *u, const char *trusted_api_url, char *reason, size_t size) {
-        _cleanup_(origin_done) Origin offer = {0}, trusted = {0};
-        CURLU *t;
+        UrlInfo offer, trusted;
         bool trusted_ok;
 
         u->send_token = false;
         u->offer_url = url_parse(u->offer.url);
-        if (!u->offer_url || origin_of(u->offer_url, &offer) < 0) {
+        if (!u->offer_url || url_inspect(u->offer.url, &offer) < 0) {
                 snprintf(reason, size, "download_failed: invalid url");
                 return -1;
         }
-        t = url_parse(trusted_api_url);
-        trusted_ok = t && origin_of(t, &trusted) == 0;
-        curl_url_cleanup(t);
+        trusted_ok = url_inspect(trusted_api_url, &trusted) == 0;
 
-        if (strcasecmp(offer.scheme, "http") == 0 &&
-            (!trusted_ok || strcasecmp(trusted.scheme, "http") != 0)) {
+        if (!offer.https && (!trusted_ok || trusted.https)) {
                 snprintf(reason, size, "download_failed: insecure url");
                 return -1;
         }
-        u->send_token = trusted_ok && !offer.userinfo && !offer.zone && !trusted.zone &&
-                        strcasecmp(offer.scheme, trusted.scheme) == 0 &&
-                        strcasecmp(offer.host, trusted.host) == 0 &&
-                        offer.port_number == trusted.port_number;
+        u->send_token = trusted_ok && !offer.has_userinfo && !url_has_zone(u->offer.url) &&
+                        !url_has_zone(trusted_api_url) && url_same_origin(u->offer.url, trusted_api_url);
         return 0;
 }
 
 /* ---- the end of an attempt ---- */
 
+static void updater_changed(Updater *u) {
+        if (u->cb.changed)
+                u->cb.changed(u, u->userdata);
+}
+
 static void updater_fail(Updater *u, const char *fmt, ...) _printf_(2, 3);
 static void updater_fail(Updater *u, const char *fmt, ...) {
-        PersistentState *s = u->state;
-        usec_t backoff = BACKOFF_FIRST_USEC;
+        UpdateRecord *s = u->record;
+        usec_t backoff;
         va_list ap;
 
         va_start(ap, fmt);
@@ -244,10 +210,7 @@ static void updater_fail(Updater *u, const char *fmt, ...) {
         else
                 s->failures = 1;
         (void) strscpy(s->failed_version, sizeof(s->failed_version), u->offer.version);
-        for (unsigned i = 1; i < s->failures && backoff < BACKOFF_MAX_USEC; i++)
-                backoff *= 2;
-        if (backoff > BACKOFF_MAX_USEC)
-                backoff = BACKOFF_MAX_USEC;
+        backoff = backoff_usec(BACKOFF_FIRST_USEC, BACKOFF_MAX_USEC, s->failures);
         s->retry_not_before_usec = now_usec(CLOCK_REALTIME) + backoff;
 
         u->phase = UPDATER_FAILED;
@@ -255,8 +218,7 @@ static void updater_fail(Updater *u, const char *fmt, ...) {
                    &(LogFields){.version = u->offer.version, .reason = u->last_error},
                    "Agent update %s failed: %s; retry in %llus (failure %u)", u->offer.version,
                    u->last_error, (unsigned long long) (backoff / USEC_PER_SEC), s->failures);
-        if (u->changed)
-                u->changed(u, u->userdata);
+        updater_changed(u);
 }
 
 /* The backoff is kept in CLOCK_REALTIME (it must survive a restart), so a
@@ -264,7 +226,7 @@ static void updater_fail(Updater *u, const char *fmt, ...) {
  * the next attempt arbitrarily far away. No backoff is longer than 1 h:
  * anything later than that from now is pulled in to now + 1 h. Returns
  * whether the state changed. */
-static bool backoff_clamp(PersistentState *s, uint64_t now) {
+static bool backoff_clamp(UpdateRecord *s, uint64_t now) {
         if (s->retry_not_before_usec <= now || s->retry_not_before_usec - now <= BACKOFF_MAX_USEC)
                 return false;
         s->retry_not_before_usec = now + BACKOFF_MAX_USEC;
@@ -299,7 +261,7 @@ static void remove_old_packages(const char *dir, const char *keep) {
 }
 
 static void updater_applied(Updater *u) {
-        PersistentState *s = u->state;
+        UpdateRecord *s = u->record;
         const char *base = strrchr(u->pkg_path, '/');
 
         (void) strscpy(s->applied_version, sizeof(s->applied_version), u->offer.version);
@@ -312,8 +274,7 @@ static void updater_applied(Updater *u) {
         remove_old_packages(u->dir, base ? base + 1 : u->pkg_path);
         log_struct(LOG_NOTICE, 0, MID_UPDATE_APPLIED, &(LogFields){.version = u->offer.version},
                    "Agent update %s applied", u->offer.version);
-        if (u->changed)
-                u->changed(u, u->userdata);
+        updater_changed(u);
 }
 
 /* ---- applying ---- */
@@ -321,8 +282,7 @@ static void updater_applied(Updater *u) {
 static void on_command_done(Runner *r, int status, void *userdata) {
         Updater *u = userdata;
 
-        argv_free(u->argv);
-        u->argv = NULL;
+        u->argv = strv_free(u->argv);
 
         if (status == 0)
                 updater_applied(u);
@@ -337,31 +297,26 @@ static void on_command_done(Runner *r, int status, void *userdata) {
 }
 
 /* command + FILE + VERSION, copied so a reload may free the Config. */
-static int command_argv(const Updater *u, char ***ret) {
+static int command_argv(Updater *u, char ***ret) {
         char *const *cmd = u->cfg->update_command_argv;
+        _cleanup_(freep) char **v = NULL;
         size_t n = 0;
-        char **argv;
 
         if (!cmd || !cmd[0])
                 return -ENOEXEC;
         while (cmd[n])
                 n++;
-        argv = calloc(n + 3, sizeof(char *));
-        if (!argv)
+        v = calloc(n + 3, sizeof(char *));
+        if (!v)
                 return -ENOMEM;
-        for (size_t i = 0; i < n; i++)
-                if (!(argv[i] = strdup(cmd[i])))
-                        goto oom;
-        if (!(argv[n] = strdup(u->pkg_path)) || !(argv[n + 1] = strdup(u->offer.version)))
-                goto oom;
-        *ret = argv;
-        return 0;
-oom:
-        argv_free(argv);
-        return -ENOMEM;
+        memcpy(v, cmd, n * sizeof(char *));
+        v[n] = u->pkg_path;
+        v[n + 1] = u->offer.version;
+        *ret = strv_copy(v);
+        return *ret ? 0 : -ENOMEM;
 }
 
-static void updater_apply(Updater *u) {
+static void updater_run_command(Updater *u) {
         char sha_env[sizeof("DSM_UPDATE_SHA256=") + SHA256_HEX_LEN];
         char *env[] = {sha_env, NULL};
         int r;
@@ -380,10 +335,18 @@ static void updater_apply(Updater *u) {
                  u->offer.version);
         r = runner_start(u->runner, u->argv, env, u->cfg->command_timeout, on_command_done, u);
         if (r < 0) {
-                argv_free(u->argv);
-                u->argv = NULL;
+                u->argv = strv_free(u->argv);
                 updater_fail(u, "command_failed: %s", strerror(-r));
         }
+}
+
+/* The package of u->offer is verified and in place: it waits for the
+ * caller's go (updater_apply), which may come at once or much later. */
+static void updater_ready(Updater *u) {
+        u->phase = UPDATER_READY;
+        log_debug("Agent update %s verified, waiting for the gate", u->offer.version);
+        if (u->cb.ready)
+                u->cb.ready(u, &u->offer, u->userdata);
 }
 
 /* ---- downloading ---- */
@@ -431,14 +394,6 @@ static size_t on_curl_write(char *ptr, size_t size, size_t nmemb, void *userdata
         }
         d->received += n;
         return n;
-}
-
-static int fsync_dir(const char *dir) {
-        _cleanup_(closep) int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-
-        if (fd < 0 || fsync(fd) < 0)
-                return negative_errno();
-        return 0;
 }
 
 /* The finished digest as 64 lowercase hex digits. */
@@ -510,7 +465,7 @@ static void on_download_done(CURL *easy, CURLcode result, void *userdata) {
         if (r < 0)
                 updater_fail(u, "%s", reason);
         else
-                updater_apply(u);
+                updater_ready(u);
 }
 
 static int download_setup_easy(Updater *u, Download *d) {
@@ -641,7 +596,7 @@ static void verify_end(Updater *u, bool ok) {
         if (ok) {
                 u->offer_url = curl_url_cleanup_p(u->offer_url);
                 log_info("Reusing the verified package %s", u->pkg_path);
-                updater_apply(u);
+                updater_ready(u);
                 return;
         }
         log_warning("Kept package %s no longer matches the offered size and sha256, downloading it again",
@@ -723,7 +678,7 @@ static int verify_start(Updater *u) {
 
 /* ---- public ---- */
 
-int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_changed_t changed,
+int updater_new(sd_event *e, const Config *cfg, UpdateRecord *record, const UpdaterCallbacks *callbacks,
                 void *userdata, Updater **ret) {
         Updater *u;
         int r;
@@ -734,8 +689,8 @@ int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_
         *u = (Updater){
                 .event = sd_event_ref(e),
                 .cfg = cfg,
-                .state = state,
-                .changed = changed,
+                .record = record,
+                .cb = callbacks ? *callbacks : (UpdaterCallbacks){},
                 .userdata = userdata,
                 .phase = UPDATER_IDLE,
                 .low_speed_bytes = 1024,
@@ -751,7 +706,7 @@ int updater_new(sd_event *e, const Config *cfg, PersistentState *state, updater_
         }
         /* A restored backoff is no longer than one from now either; the
          * caller saves the state with its next change. */
-        (void) backoff_clamp(state, now_usec(CLOCK_REALTIME));
+        (void) backoff_clamp(record, now_usec(CLOCK_REALTIME));
         *ret = u;
         return 0;
 }
@@ -764,7 +719,7 @@ Updater *updater_free(Updater *u) {
         u->verify = verify_free(u->verify);
         u->offer_url = curl_url_cleanup_p(u->offer_url);
         u->runner = runner_free(u->runner);
-        argv_free(u->argv);
+        strv_free(u->argv);
         sd_event_unref(u->event);
         free(u);
         return NULL;
@@ -782,7 +737,7 @@ void updater_set_download_limits(Updater *u, uint64_t low_speed_bytes, usec_t lo
 }
 
 int updater_start(Updater *u, const AgentUpdate *offer, const char *trusted_api_url) {
-        PersistentState *s = u->state;
+        UpdateRecord *s = u->record;
         char reason[GATE_REASON_MAX];
         uint64_t now = now_usec(CLOCK_REALTIME);
         const char *base;
@@ -798,8 +753,7 @@ int updater_start(Updater *u, const AgentUpdate *offer, const char *trusted_api_
                         log_info("Next attempt of the Agent update %s was more than 1 h away (clock "
                                  "stepped back?), now at most 1 h",
                                  offer->version);
-                        if (u->changed)
-                                u->changed(u, u->userdata);
+                        updater_changed(u);
                 }
                 if (now < s->retry_not_before_usec)
                         return -EAGAIN;
@@ -843,6 +797,18 @@ int updater_start(Updater *u, const AgentUpdate *offer, const char *trusted_api_
                 return 0;
         }
         updater_download(u);
+        return 0;
+}
+
+static bool offer_same(const AgentUpdate *a, const AgentUpdate *b) {
+        return a->present == b->present && a->size == b->size && strcmp(a->version, b->version) == 0 &&
+               strcmp(a->url, b->url) == 0 && strcmp(a->sha256, b->sha256) == 0;
+}
+
+int updater_apply(Updater *u, const AgentUpdate *offer) {
+        if (u->phase != UPDATER_READY || !offer || !offer_same(offer, &u->offer))
+                return -ESTALE;
+        updater_run_command(u);
         return 0;
 }
 

@@ -173,7 +173,7 @@ static int parse_nodes(Parser *p, json_t *root, PersistentState *s) {
         return 0;
 }
 
-static int parse_update(Parser *p, json_t *root, PersistentState *s) {
+static int parse_update(Parser *p, json_t *root, UpdateRecord *s) {
         const char *w = "update";
         uint64_t failures;
         json_t *u;
@@ -214,7 +214,7 @@ static int parse_root(Parser *p, json_t *root, PersistentState *s) {
         r = parse_nodes(p, root, s);
         if (r < 0)
                 return r;
-        return parse_update(p, root, s);
+        return parse_update(p, root, &s->update);
 }
 
 int state_parse(const char *json, size_t len, PersistentState *ret, char *err, size_t errlen) {
@@ -270,6 +270,7 @@ static json_t *node_to_json(const NodeRef *n) {
 
 static json_t *state_to_json(const PersistentState *s) {
         const Committed *c = &s->committed;
+        const UpdateRecord *u = &s->update;
         json_t *root, *nodes, *primary = NULL;
 
         if (c->epoch > 0)
@@ -286,10 +287,10 @@ static json_t *state_to_json(const PersistentState *s) {
                         goto oom;
         root = json_pack("{s:i, s:I, s:o, s:o, s:{s:s, s:s, s:I, s:s, s:I, s:I}}", "version", STATE_VERSION,
                          "epoch", (json_int_t) c->epoch, "primary", primary, "nodes", nodes, "update",
-                         "applied_version", s->applied_version, "delay_version", s->delay_version,
-                         "delay_not_before_usec", (json_int_t) s->delay_not_before_usec, "failed_version",
-                         s->failed_version, "failures", (json_int_t) s->failures, "retry_not_before_usec",
-                         (json_int_t) s->retry_not_before_usec);
+                         "applied_version", u->applied_version, "delay_version", u->delay_version,
+                         "delay_not_before_usec", (json_int_t) u->delay_not_before_usec, "failed_version",
+                         u->failed_version, "failures", (json_int_t) u->failures, "retry_not_before_usec",
+                         (json_int_t) u->retry_not_before_usec);
         /* json_pack's "o" steals the references even on failure. */
         return root;
 oom:
@@ -306,8 +307,8 @@ int state_format(const PersistentState *s, char **ret_json) {
         if (!s || !ret_json)
                 return -EINVAL;
         /* What we write must load again: refuse values the loader rejects. */
-        if (s->committed.epoch > INT64_MAX || s->delay_not_before_usec > INT64_MAX ||
-            s->retry_not_before_usec > INT64_MAX || s->n_nodes > PROVIDER_NODES_MAX)
+        if (s->committed.epoch > INT64_MAX || s->update.delay_not_before_usec > INT64_MAX ||
+            s->update.retry_not_before_usec > INT64_MAX || s->n_nodes > PROVIDER_NODES_MAX)
                 return -ERANGE;
         /* json_pack() fails on invalid UTF-8 as well as on OOM; the
          * former is the likely one. */

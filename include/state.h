@@ -16,11 +16,10 @@ typedef struct Committed {
         BrokerInfo broker;
 } Committed;
 
-typedef struct PersistentState {
-        Committed committed;               /* epoch 0: nothing committed yet */
-        NodeRef nodes[PROVIDER_NODES_MAX]; /* the committed Primary's latest `nodes` */
-        size_t n_nodes;
-
+/* What the update gate and the updater must remember across restarts
+ * (contract 8), the "update" object of the file. The manager draws the
+ * delay; the updater owns the rest and is handed only this record. */
+typedef struct UpdateRecord {
         char applied_version[PROVIDER_VERSION_MAX + 1]; /* last update applied, "" none */
 
         /* The random delay drawn once per offered version (contract 8). */
@@ -31,6 +30,13 @@ typedef struct PersistentState {
         char failed_version[PROVIDER_VERSION_MAX + 1];
         unsigned failures;
         uint64_t retry_not_before_usec; /* CLOCK_REALTIME */
+} UpdateRecord;
+
+typedef struct PersistentState {
+        Committed committed;               /* epoch 0: nothing committed yet */
+        NodeRef nodes[PROVIDER_NODES_MAX]; /* the committed Primary's latest `nodes` */
+        size_t n_nodes;
+        UpdateRecord update;
 } PersistentState;
 
 /* Loads path into *ret. A missing file gives an empty state and 0. A

@@ -233,8 +233,10 @@ static void check_update(const Manager *m, json_t *u) {
                 } else if (phase_now == UPDATER_FAILED) {
                         state = "failed";
                         reason = updater_last_error(m->updater);
-                } else if (m->gate.state == GATE_OPEN && m->state.failures > 0 &&
-                           streq_ptr(m->state.failed_version, offer)) {
+                } else if (phase_now == UPDATER_READY) {
+                        /* the gate's verdict as it is */
+                } else if (m->gate.state == GATE_OPEN && m->state.update.failures > 0 &&
+                           streq_ptr(m->state.update.failed_version, offer)) {
                         state = "failed";
                         reason = "retry_pending";
                 } else if (m->gate.state == GATE_OPEN) {
@@ -390,9 +392,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         m.updater = (data[0] & 4) ? (Updater *) 1 : NULL;
         updater_error_null = data[0] & 8;
         broker_now = (BrokerConnState) (data[1] % 3);
-        phase_now = (UpdaterPhase) (data[2] % 4);
+        phase_now = (UpdaterPhase) (data[2] % 5);
         m.gate.state = (GateState) (data[3] % 6);
-        m.state.failures = data[4];
+        m.state.update.failures = data[4];
         m.last_poll_usec = clock_usec(data + 8);
         m.last_change_usec = clock_usec(data + 16);
         /* Counters count real events: they never reach 2^62. */
@@ -415,7 +417,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         /* The gate builds its reasons from validated ids and versions. */
         put_string(m.gate.reason, sizeof(m.gate.reason), ch[1].p, ch[1].n);
         put_string(m.installed_version, sizeof(m.installed_version), ch[2].p, ch[2].n);
-        put_string(m.state.failed_version, sizeof(m.state.failed_version), ch[3].p, ch[3].n);
+        put_string(m.state.update.failed_version, sizeof(m.state.update.failed_version), ch[3].p, ch[3].n);
         put_string(updater_error, sizeof(updater_error), ch[4].p, ch[4].n);
         for (const uint8_t *p = ch[5].p, *end = ch[5].p + ch[5].n;
              p < end && m.n_warnings < MANAGER_MAX_WARNINGS;) {

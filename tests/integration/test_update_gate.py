@@ -10,7 +10,10 @@ MID_UPDATE_HELD is edge-triggered; a node down holds; tampered, truncated,
 oversized and missing packages fail with their reason, never reach the
 command and leave nothing in download_dir; a failing command backs off, and
 a restart does not retry early; SIGTERM during a slow download leaves no
-partial file and the update resumes; disabled, window and max_delay.
+partial file and the update resumes; a package whose download ends after the
+gate closed (a node changed version or became unreachable, the offer was
+withdrawn, enabled turned off by SIGHUP) runs nothing and is applied once
+when the gate opens again; disabled, window and max_delay.
 
 The slow download is served by a small fake Provider in this file (the
 simulator builds the package URL from the Primary's api_url and its slow()
@@ -403,7 +406,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         fp = self.server.fp
-        if self.path == "/api/v1/ha/state":
+        if self.path == "/api/v1/ha/state" and self.server.node_id in fp.down:
+            self._send(503, b'{"error": "unavailable"}')
+        elif self.path == "/api/v1/ha/state":
             self._send(200, json.dumps(fp.document(self.server.node_id)).encode())
         elif self.path == "/pkg" and self.server.node_id == "p1":
             fp.package_requests += 1
@@ -420,7 +425,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(PKG[sent:sent + 256])
                     self.wfile.flush()
                     sent += 256
-                    fp.stopping.wait(0.1)  # 2.5 KiB/s: above curl's low-speed limit
+                    fp.stopping.wait(fp.trickle)  # 0.1: 2.5 KiB/s, above curl's low-speed limit
             except OSError:
                 pass
             self.close_connection = True
@@ -430,11 +435,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class FakeProvider:
     """Three Provider nodes at NEW offering NEW from p1's /pkg, which
-    trickles while .slow is set."""
+    trickles (256 bytes every .trickle seconds) while .slow is set. A node's
+    version (.versions), the offer (.offer) and the nodes answering 503
+    (.down) may change at any time."""
 
     def __init__(self):
         self.stopping = threading.Event()
         self.slow = True
+        self.trickle = 0.1
+        self.versions = {nid: NEW for nid in ("p1", "p2", "p3")}
+        self.offer = True
+        self.down = set()
         self.package_requests = 0
         self.broker_port = util.closed_port()
         self.servers = {}
@@ -452,14 +463,14 @@ class FakeProvider:
 
     def document(self, nid):
         return {
-            "node": {"id": nid, "role": "primary" if nid == "p1" else "standby", "version": NEW,
+            "node": {"id": nid, "role": "primary" if nid == "p1" else "standby", "version": self.versions[nid],
                      "api_url": self.urls[nid]},
             "epoch": 1,
             "primary": {"id": "p1", "api_url": self.urls["p1"],
                         "broker": {"host": "127.0.0.1", "port": self.broker_port, "vhost": "/", "tls": False}},
             "nodes": [{"id": n, "api_url": self.urls[n]} for n in sorted(self.urls)],
             "agent_update": {"version": NEW, "url": self.urls["p1"] + "/pkg", "sha256": PKG_SHA,
-                             "size": len(PKG)},
+                             "size": len(PKG)} if self.offer else None,
         }
 
     def stop(self):
@@ -531,6 +542,91 @@ def test_crash_during_download_leftover_removed_at_start(fake_provider, daemon_f
     util.wait_until(lambda: len(d.update_runs()) == 1, 5, what="the update command")
     assert_applied_once(d)
     assert os.listdir(d.download_dir) == ["dsm-agent-%s.pkg" % NEW]
+
+
+# ---- the gate closes while the package downloads (issue 12, defect 2) ----------
+#
+# Contract 8: every condition holds at the moment the command starts. A
+# download that ends after the gate closed runs nothing; the verified file is
+# kept and the command runs exactly once when the gate opens again.
+
+
+def _close_skew(fp, d):
+    fp.versions["p3"] = "9.0.3"
+    d.wait_for_log("MESSAGE_ID=%s.*version_skew: p3=9.0.3" % MID_HELD, timeout=T)
+
+
+def _reopen_skew(fp, d):
+    fp.versions["p3"] = NEW
+
+
+def _close_unreachable(fp, d):
+    fp.down.add("p3")
+    d.wait_for_log("MESSAGE_ID=%s.*node_unreachable: p3" % MID_HELD, timeout=T)
+
+
+def _reopen_unreachable(fp, d):
+    fp.down.discard("p3")
+
+
+def _close_withdrawn(fp, d):
+    fp.offer = False
+    wait_rounds(d, 2)
+
+
+def _reopen_withdrawn(fp, d):
+    fp.offer = True
+
+
+def _close_disabled(fp, d):
+    mark = d.log_mark()
+    d.reconfigure(overrides(enabled="false"))
+    d.wait_for_log("Configuration reloaded", timeout=T, start=mark)
+
+
+def _reopen_disabled(fp, d):
+    mark = d.log_mark()
+    d.reconfigure(overrides(enabled="true"))
+    d.wait_for_log("Configuration reloaded", timeout=T, start=mark)
+
+
+@pytest.mark.parametrize("close,reopen,shown", [
+    (_close_skew, _reopen_skew, ("held", "version_skew: p3=9.0.3")),
+    (_close_unreachable, _reopen_unreachable, ("held", "node_unreachable: p3")),
+    (_close_withdrawn, _reopen_withdrawn, ("none", None)),
+    (_close_disabled, _reopen_disabled, ("disabled", None)),
+], ids=["version-skew", "node-unreachable", "offer-withdrawn", "disabled-by-sighup"])
+def test_gate_closed_during_download_runs_nothing(fake_provider, daemon_factory, close, reopen, shown):
+    fp = fake_provider
+    fp.trickle = 0.12  # 16 KiB in about 8 s
+    o = overrides()
+    o["provider"]["endpoints"] = ", ".join(fp.urls[n] for n in sorted(fp.urls))
+    d = daemon_factory(overrides=o, provider_token="fake-token")
+    wait_update(d, lambda u: u["state"] == "downloading")
+
+    close(fp, d)  # a round (or SIGHUP) closes the gate ...
+    assert not os.path.exists(pkg_path(d)), "the download ended before the gate closed"
+
+    # ... then the download ends: the package is verified and kept, and the
+    # command does not run.
+    util.wait_until(lambda: os.path.exists(pkg_path(d)), T, interval=0.05, what="the end of the download")
+    wait_rounds(d, 3)
+    assert d.update_runs() == []
+    assert mid_lines(d, MID_APPLIED) == []
+    assert ust(d)["applied_version"] == ""
+    with open(pkg_path(d), "rb") as f:
+        assert f.read() == PKG
+    u = upd(d)
+    assert (u["state"], u["reason"]) == shown, u
+    d.wait_for_log("Agent update %s verified and kept, not applied now" % NEW, timeout=5)
+
+    # The gate opens again: the kept package runs, exactly once.
+    reopen(fp, d)
+    wait_update(d, lambda u: u["state"] == "installed")
+    util.wait_until(lambda: len(d.update_runs()) == 1, 5, what="the update command")
+    assert fp.package_requests == 1  # the kept package, not downloaded again
+    wait_rounds(d, 3)
+    assert_applied_once(d)
 
 
 # ---- disabled, window, delay ---------------------------------------------------

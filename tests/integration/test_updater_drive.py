@@ -11,7 +11,8 @@ only to the trusted api_url's origin, a plain http offer is refused when that
 api_url is https, an oversized offer is refused, a backoff stays within 1 h
 even when the stored time lies far ahead (clock stepped back), and a verified
 package is reused after a failed command while packages of other versions
-are removed.
+are removed. A verified package waits (READY) until the caller applies it,
+and only the very offer that was verified may be applied.
 """
 
 import hashlib
@@ -400,6 +401,10 @@ def test_no_token_to_other_origin(env, server, url, trusted):
         ("https://127.0.0.1/pkg", "https://127.0.0.1:443/", True),
         ("https://127.0.0.1/pkg", "https://127.0.0.1:8443/", False),
         ("https://127.0.0.1:80/pkg", "http://127.0.0.1/", False),  # same port, other scheme
+        ("http://[::1]/pkg", "http://[::1]:80/", True),
+        ("http://[::1%25lo]/pkg", "http://[::1]/", False),  # a zone id of its own
+        ("http://[::1]/pkg", "http://[::1%25lo]/", False),  # a zone id in the trusted api_url
+        ("http://;opt@127.0.0.1/pkg", "http://127.0.0.1/", False),  # login options count as userinfo
     ],
 )
 def test_default_ports(env, url, trusted, sent):
@@ -453,6 +458,42 @@ def test_backoff_capped_at_one_hour(env, server):
     assert rc == 0, err
     assert out["result"] == "applied"
     assert json.loads(env.state.read_text())["update"]["applied_version"] == "9.0.1"
+
+
+# ---- READY: the command runs only when the caller says so (contract 8) ----
+
+
+def test_verified_package_waits_ready_until_applied(env, server):
+    """The updater never runs the command by itself: a verified package
+    waits in READY (here the gate stays closed), is kept, and a later
+    attempt checks it again and runs it when told to."""
+    rc, out, err = env.run(f"{server.url}/good", UPDATER_DRIVE_READY="hold", UPDATER_DRIVE_STATE=env.state)
+    assert rc == 5, err
+    assert out["early_apply"] == "ESTALE"  # nothing verified yet
+    assert out["ready"] == "9.0.1" and out["result"] == "ready", out
+    assert out["applied_version"] == ""
+    assert not env.args.exists()  # the command never ran
+    assert (env.dl / "dsm-agent-9.0.1.pkg").read_bytes() == PKG  # kept
+    assert json.loads(env.state.read_text())["update"]["applied_version"] == ""
+
+    rc, out, err = env.run(f"{server.url}/good", UPDATER_DRIVE_STATE=env.state)
+    assert rc == 0, err
+    assert out["result"] == "applied" and out["ready"] == "9.0.1", out
+    assert len(server.requests) == 1  # the kept package, checked again
+    assert "Reusing the verified package" in err
+    assert env.args.read_text().splitlines() == [f"{env.dl}/dsm-agent-9.0.1.pkg 9.0.1", PKG_SHA, "same"]
+
+
+def test_apply_of_another_offer_refused(env, server):
+    """updater_apply() with an offer that differs from the verified one in
+    its version, url, sha256 or size is refused and keeps the package
+    READY; the verified offer itself then runs."""
+    rc, out, err = env.run(f"{server.url}/good", UPDATER_DRIVE_READY="stale")
+    assert rc == 0, err
+    assert out["stale_apply"] == "ESTALE,ESTALE,ESTALE,ESTALE", out
+    assert out["phase_after_stale"] == "ready", out
+    assert out["result"] == "applied" and out["applied_version"] == "9.0.1", out
+    assert env.args.read_text().splitlines()[1:] == [PKG_SHA, "same"]
 
 
 # ---- reusing a verified package, keeping download_dir small ----

@@ -28,12 +28,12 @@ static void fill(PersistentState *s) {
                          i + 1);
         }
         s->n_nodes = 3;
-        strscpy(s->applied_version, sizeof(s->applied_version), "9.0.1");
-        strscpy(s->delay_version, sizeof(s->delay_version), "9.0.2");
-        s->delay_not_before_usec = 1764088200000000ULL;
-        strscpy(s->failed_version, sizeof(s->failed_version), "9.0.2");
-        s->failures = 3;
-        s->retry_not_before_usec = 1764088260000000ULL;
+        strscpy(s->update.applied_version, sizeof(s->update.applied_version), "9.0.1");
+        strscpy(s->update.delay_version, sizeof(s->update.delay_version), "9.0.2");
+        s->update.delay_not_before_usec = 1764088200000000ULL;
+        strscpy(s->update.failed_version, sizeof(s->update.failed_version), "9.0.2");
+        s->update.failures = 3;
+        s->update.retry_not_before_usec = 1764088260000000ULL;
 }
 
 static void assert_state_equal(const PersistentState *a, const PersistentState *b) {
@@ -46,12 +46,12 @@ static void assert_state_equal(const PersistentState *a, const PersistentState *
                 assert_string_equal(a->nodes[i].id, b->nodes[i].id);
                 assert_string_equal(a->nodes[i].api_url, b->nodes[i].api_url);
         }
-        assert_string_equal(a->applied_version, b->applied_version);
-        assert_string_equal(a->delay_version, b->delay_version);
-        assert_int_equal(a->delay_not_before_usec, b->delay_not_before_usec);
-        assert_string_equal(a->failed_version, b->failed_version);
-        assert_int_equal(a->failures, b->failures);
-        assert_int_equal(a->retry_not_before_usec, b->retry_not_before_usec);
+        assert_string_equal(a->update.applied_version, b->update.applied_version);
+        assert_string_equal(a->update.delay_version, b->update.delay_version);
+        assert_int_equal(a->update.delay_not_before_usec, b->update.delay_not_before_usec);
+        assert_string_equal(a->update.failed_version, b->update.failed_version);
+        assert_int_equal(a->update.failures, b->update.failures);
+        assert_int_equal(a->update.retry_not_before_usec, b->update.retry_not_before_usec);
 }
 
 static void test_round_trip(void **state) {
@@ -113,6 +113,55 @@ static void test_save_load(void **state) {
         unlink(path);
         rmdir(dir);
         umask(old);
+}
+
+/* A file written before the update fields were grouped into UpdateRecord
+ * (byte for byte what that version wrote) loads into .update, and is
+ * written back unchanged: the file format did not move. */
+static void test_format_unchanged(void **state) {
+        static const char file[] = "{\n"
+                                   "  \"version\": 1,\n"
+                                   "  \"epoch\": 8,\n"
+                                   "  \"primary\": {\n"
+                                   "    \"id\": \"p2\",\n"
+                                   "    \"api_url\": \"https://p2.example:8443\",\n"
+                                   "    \"broker\": {\n"
+                                   "      \"host\": \"p2.example\",\n"
+                                   "      \"port\": 5671,\n"
+                                   "      \"vhost\": \"/dsm\",\n"
+                                   "      \"tls\": true\n"
+                                   "    }\n"
+                                   "  },\n"
+                                   "  \"nodes\": [\n"
+                                   "    {\n"
+                                   "      \"id\": \"p1\",\n"
+                                   "      \"api_url\": \"https://p1.example:8443\"\n"
+                                   "    }\n"
+                                   "  ],\n"
+                                   "  \"update\": {\n"
+                                   "    \"applied_version\": \"9.0.1\",\n"
+                                   "    \"delay_version\": \"9.0.2\",\n"
+                                   "    \"delay_not_before_usec\": 1764088200000000,\n"
+                                   "    \"failed_version\": \"9.0.2\",\n"
+                                   "    \"failures\": 3,\n"
+                                   "    \"retry_not_before_usec\": 1764088260000000\n"
+                                   "  }\n"
+                                   "}\n";
+        _cleanup_(freep) char *json = NULL;
+        PersistentState s;
+        char err[128] = "";
+
+        assert_int_equal(state_parse(file, strlen(file), &s, err, sizeof(err)), 0);
+        assert_int_equal(s.committed.epoch, 8);
+        assert_int_equal(s.n_nodes, 1);
+        assert_string_equal(s.update.applied_version, "9.0.1");
+        assert_string_equal(s.update.delay_version, "9.0.2");
+        assert_int_equal(s.update.delay_not_before_usec, 1764088200000000ULL);
+        assert_string_equal(s.update.failed_version, "9.0.2");
+        assert_int_equal(s.update.failures, 3);
+        assert_int_equal(s.update.retry_not_before_usec, 1764088260000000ULL);
+        assert_int_equal(state_format(&s, &json), 0);
+        assert_string_equal(json, file);
 }
 
 #define GOOD_PRIMARY                                                                                        \
@@ -228,9 +277,8 @@ static void test_corrupt(void **state) {
 
 int main(void) {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test(test_round_trip),
-                cmocka_unit_test(test_save_load),
-                cmocka_unit_test(test_good_variants),
+                cmocka_unit_test(test_round_trip),       cmocka_unit_test(test_save_load),
+                cmocka_unit_test(test_format_unchanged), cmocka_unit_test(test_good_variants),
                 cmocka_unit_test(test_corrupt),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
