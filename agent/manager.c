@@ -24,6 +24,7 @@
 #include "lockfile.h"
 #include "log.h"
 #include "macro.h"
+#include "util.h"
 
 #define FLAP_WINDOW_USEC     (10 * 60 * USEC_PER_SEC)
 #define FLAP_LIMIT           3
@@ -32,28 +33,11 @@
 #define HINT_BURST           4 /* hint rounds that may start at once */
 #define HINT_RATE            8 /* hint rounds per second after the burst */
 
-/* A uniform double in [0, 1) for jitter and the update delay. Quality
- * matters little; spreading a fleet out is all it does. */
-static double random_unit(void) {
-        static uint64_t s;
-        if (s == 0 && getrandom(&s, sizeof(s), GRND_NONBLOCK) != sizeof(s))
-                s = now_usec(CLOCK_MONOTONIC) ^ (uint64_t) getpid() << 32;
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        return (double) (s >> 11) / (double) (1ULL << 53);
-}
-
-static uint64_t jittered(uint64_t usec, double jitter) {
-        double f = 1.0 + jitter * (2.0 * random_unit() - 1.0);
-        return (uint64_t) ((double) usec * f);
-}
-
 /* ---- STATUS= and warnings ---- */
 
 static void manager_send_status(Manager *m) {
         char text[1024];
-        const Committed *c = &m->state.committed;
+        const Committed *c = &m->sync.state.committed;
         int werr = m->settings ? settings_writer_error(m->settings) : 0;
         const char *broker = m->broker ? broker_conn_state_to_string(broker_state(m->broker)) : "off";
 
@@ -65,8 +49,8 @@ static void manager_send_status(Manager *m) {
                          c->primary.id, c->epoch, strerror(-werr));
         else
                 snprintf(text, sizeof(text), "primary %s epoch %" PRIu64 ", broker %s, update %s%s%s",
-                         c->primary.id, c->epoch, broker, gate_state_to_string(m->gate.state),
-                         m->gate.reason[0] ? ": " : "", m->gate.reason);
+                         c->primary.id, c->epoch, broker, gate_state_to_string(m->sync.gate.state),
+                         m->sync.gate.reason[0] ? ": " : "", m->sync.gate.reason);
         if (strcmp(text, m->status_text) == 0)
                 return;
         strscpy(m->status_text, sizeof(m->status_text), text);
@@ -86,14 +70,14 @@ static void add_warning(Manager *m, const char *fmt, ...) {
 
 static unsigned recent_changes(Manager *m, uint64_t now) {
         unsigned n = 0;
-        for (size_t i = 0; i < m->n_change_times; i++)
-                if (now - m->change_times[i] <= FLAP_WINDOW_USEC)
+        for (size_t i = 0; i < m->sync.n_change_times; i++)
+                if (now - m->sync.change_times[i] <= FLAP_WINDOW_USEC)
                         n++;
         return n;
 }
 
 static void manager_update_warnings(Manager *m) {
-        const RuleResult *r = &m->last_rule;
+        const RuleResult *r = &m->sync.last_rule;
         unsigned flaps = recent_changes(m, now_usec(CLOCK_MONOTONIC));
         int werr = m->settings ? settings_writer_error(m->settings) : 0;
 
@@ -103,23 +87,25 @@ static void manager_update_warnings(Manager *m) {
         if (r->conflict)
                 add_warning(m, "primary conflict: %s and %s both claim epoch %" PRIu64, r->conflict_a,
                             r->conflict_b, r->conflict_epoch);
-        if (m->state.committed.epoch > 0 && (m->state.n_nodes < 3 || m->state.n_nodes > 4))
-                add_warning(m, "cluster size %zu: a Provider HA cluster has 3 or 4 nodes", m->state.n_nodes);
+        if (m->sync.state.committed.epoch > 0 && (m->sync.state.n_nodes < 3 || m->sync.state.n_nodes > 4))
+                add_warning(m, "cluster size %zu: a Provider HA cluster has 3 or 4 nodes",
+                            m->sync.state.n_nodes);
         if (flaps > FLAP_LIMIT)
                 add_warning(m, "flapping: %u primary changes within 10 minutes", flaps);
         if (werr < 0)
                 add_warning(m, "settings file %s not written: %s", m->config->settings_file,
                             strerror(-werr));
-        if (m->state_save_failed)
+        if (m->sync.state_save_failed)
                 add_warning(m, "state file %s not written: commits are held", m->config->state_file);
-        if (m->state.committed.epoch == 0)
+        if (m->sync.state.committed.epoch == 0)
                 add_warning(m, "no primary committed yet");
 }
 
 /* ---- the round scheduler ---- */
 
 static void on_round_done(Poller *p, void *userdata);
-static const PollerCallbacks poller_callbacks = {.done = on_round_done};
+static void on_round_answer(Poller *p, size_t index, void *userdata);
+static const PollerCallbacks poller_callbacks = {.answer = on_round_answer, .done = on_round_done};
 
 static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         Manager *m = userdata;
@@ -132,7 +118,7 @@ static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 }
 
 static bool manager_steady(Manager *m) {
-        if (m->state.committed.epoch == 0)
+        if (m->sync.state.committed.epoch == 0)
                 return false;
         return !m->broker || broker_state(m->broker) == BROKER_CONNECTED;
 }
@@ -336,10 +322,10 @@ static bool manager_refresh_targets(Manager *m) {
         int r;
 
         poller_get_round(m->poller, &round);
-        add_nodes(m, extra, &n, ELEMENTSOF(extra), m->state.nodes, m->state.n_nodes);
+        add_nodes(m, extra, &n, ELEMENTSOF(extra), m->sync.state.nodes, m->sync.state.n_nodes);
         for (size_t i = 0; i < round.n_answers; i++) {
                 const PollAnswer *a = &round.answers[i];
-                if (!a->ok || (!a->via_load_balancer && m->state.committed.epoch > 0))
+                if (!a->ok || (!a->via_load_balancer && m->sync.state.committed.epoch > 0))
                         continue;
                 add_nodes(m, extra, &n, ELEMENTSOF(extra), a->state.nodes, a->state.n_nodes);
         }
@@ -349,56 +335,7 @@ static bool manager_refresh_targets(Manager *m) {
         return r > 0;
 }
 
-/* ---- after a round: the rule ---- */
-
-static const ProviderState *answer_of(Manager *m, const char *node_id, bool want_primary) {
-        PollRound round;
-
-        poller_get_round(m->poller, &round);
-        for (size_t i = 0; i < round.n_answers; i++) {
-                const PollAnswer *a = &round.answers[i];
-                if (!a->ok || a->via_load_balancer || strcmp(a->state.node.id, node_id) != 0)
-                        continue;
-                if (want_primary && a->state.role != NODE_ROLE_PRIMARY)
-                        continue;
-                return &a->state;
-        }
-        return NULL;
-}
-
-/* The cluster's node list: from the committed Primary's own answer when it
- * gave one, else from the largest list of a node that follows it. */
-static bool manager_learn_nodes(Manager *m) {
-        const Committed *c = &m->state.committed;
-        const ProviderState *best = answer_of(m, c->primary.id, true);
-        PollRound round;
-
-        if (best && best->epoch != c->epoch)
-                best = NULL;
-        poller_get_round(m->poller, &round);
-        for (size_t i = 0; !best && i < round.n_answers; i++) {
-                const PollAnswer *a = &round.answers[i];
-                if (a->ok && !a->via_load_balancer && a->state.epoch == c->epoch &&
-                    strcmp(a->state.primary.id, c->primary.id) == 0 &&
-                    (!best || a->state.n_nodes > best->n_nodes))
-                        best = &a->state;
-        }
-        if (!best || best->n_nodes == 0)
-                return false;
-        if (best->n_nodes == m->state.n_nodes &&
-            memcmp(best->nodes, m->state.nodes, best->n_nodes * sizeof(NodeRef)) == 0)
-                return false;
-        memcpy(m->state.nodes, best->nodes, best->n_nodes * sizeof(NodeRef));
-        m->state.n_nodes = best->n_nodes;
-        return true;
-}
-
-static int manager_save_state(Manager *m) {
-        int r = state_save(m->config->state_file, &m->state);
-        if (r < 0)
-                return log_error_errno(r, "Cannot write state file %s", m->config->state_file);
-        return 0;
-}
+/* ---- after a round: logs ---- */
 
 /* Stale primaries are logged once per node and epoch: a ring of the last
  * few is enough, since a stale node keeps its epoch while it is stale. */
@@ -414,9 +351,7 @@ static bool stale_logged(Manager *m, const RuleStale *s) {
         return false;
 }
 
-static void manager_log_rule(Manager *m, const RuleResult *res) {
-        const RuleResult *prev = &m->last_rule;
-
+static void manager_log_rule(Manager *m, const RuleResult *prev, const RuleResult *res) {
         for (size_t i = 0; i < res->n_stale; i++) {
                 const RuleStale *s = &res->stale[i];
                 if (stale_logged(m, s))
@@ -425,7 +360,7 @@ static void manager_log_rule(Manager *m, const RuleResult *res) {
                            &(LogFields){.epoch = s->epoch, .node_id = s->node_id, .reason = "stale_primary"},
                            "Ignoring stale primary %s: it claims epoch %" PRIu64 ", committed is %" PRIu64,
                            s->node_id, s->epoch,
-                           res->verdict == RULE_COMMIT ? res->next.epoch : m->state.committed.epoch);
+                           res->verdict == RULE_COMMIT ? res->next.epoch : m->sync.state.committed.epoch);
         }
         if (res->conflict && (!prev->conflict || prev->conflict_epoch != res->conflict_epoch ||
                               strcmp(prev->conflict_a, res->conflict_a) != 0 ||
@@ -435,54 +370,6 @@ static void manager_log_rule(Manager *m, const RuleResult *res) {
                            "Primary conflict: %s and %s both claim primary at epoch %" PRIu64
                            "; nothing committed",
                            res->conflict_a, res->conflict_b, res->conflict_epoch);
-}
-
-static void manager_commit(Manager *m, const RuleResult *res) {
-        Committed old = m->state.committed;
-        const Committed *c = &res->next;
-        uint64_t now = now_usec(CLOCK_MONOTONIC);
-
-        PersistentState prev = m->state;
-
-        m->state.committed = *c;
-        (void) manager_learn_nodes(m);
-        /* The epoch fence must survive a restart before anything acts on
-         * the new pair; without the state file nothing moves (retried next
-         * round). */
-        if (manager_save_state(m) < 0) {
-                m->state = prev;
-                m->state_save_failed = true;
-                return;
-        }
-        m->state_save_failed = false;
-
-        log_struct(LOG_NOTICE, 0, MID_PRIMARY_COMMITTED,
-                   &(LogFields){.epoch = c->epoch,
-                                .primary_id = c->primary.id,
-                                .reason = res->broker_only ? "broker_changed"
-                                          : res->confirmation == RULE_CONFIRMED_BY_PRIMARY
-                                                  ? "confirmed_by_primary"
-                                                  : "confirmed_by_majority"},
-                   "Primary %s committed at epoch %" PRIu64 " (was %s at %" PRIu64
-                   "), broker %s:%u vhost %s%s",
-                   c->primary.id, c->epoch, old.epoch ? old.primary.id : "none", old.epoch, c->broker.host,
-                   c->broker.port, c->broker.vhost, c->broker.tls ? " tls" : "");
-
-        m->counters.changes++;
-        m->last_change_usec = now_usec(CLOCK_REALTIME);
-        if (old.epoch > 0 && strcmp(old.primary.id, c->primary.id) != 0) {
-                if (m->n_change_times == MANAGER_MAX_CHANGE_TIMES) {
-                        memmove(m->change_times, m->change_times + 1,
-                                (MANAGER_MAX_CHANGE_TIMES - 1) * sizeof(m->change_times[0]));
-                        m->n_change_times--;
-                }
-                m->change_times[m->n_change_times++] = now;
-        }
-
-        if (m->settings)
-                (void) settings_writer_apply(m->settings, c);
-        if (m->broker)
-                (void) broker_set_target(m->broker, &c->broker);
 }
 
 /* Logs a node that starts or stops failing, not every failed poll. */
@@ -509,167 +396,70 @@ static void manager_log_targets(Manager *m) {
         }
 }
 
-/* ---- after a round: the update gate ---- */
+/* ---- the sync core's effects, with the real modules ---- */
 
-static const PollAnswer *direct_answer(Manager *m, const NodeRef *node) {
-        PollRound round;
-
-        poller_get_round(m->poller, &round);
-        for (size_t i = 0; i < round.n_answers; i++) {
-                const PollAnswer *a = &round.answers[i];
-                if (strcmp(a->url, node->api_url) != 0)
-                        continue;
-                if (a->via_load_balancer || !a->ok || strcmp(a->state.node.id, node->id) != 0)
-                        return NULL;
-                return a;
-        }
-        return NULL;
+static uint64_t io_now(void *userdata, clockid_t clock) {
+        return now_usec(clock);
 }
 
-/* Fills m->gate_nodes from this round and counts the consecutive rounds in
- * which every node answered directly with the offered version. Counting
- * starts with the first round that sees the offer (contract 8), and rounds
- * closer together than half a poll interval (an event burst) count once. */
-static void manager_count_agreement(Manager *m, const AgentUpdate *offer) {
-        uint64_t now = now_usec(CLOCK_MONOTONIC);
-        bool agree = offer && m->state.n_nodes > 0;
-        GateNode *nodes = m->gate_nodes;
-
-        memset(m->gate_nodes, 0, sizeof(m->gate_nodes));
-        m->n_gate_nodes = m->state.n_nodes;
-        for (size_t i = 0; i < m->state.n_nodes; i++) {
-                const PollAnswer *t = direct_answer(m, &m->state.nodes[i]);
-                strscpy(nodes[i].id, sizeof(nodes[i].id), m->state.nodes[i].id);
-                nodes[i].answered_direct = t != NULL;
-                if (t)
-                        strscpy(nodes[i].version, sizeof(nodes[i].version), t->state.version);
-                if (!t || !offer || strcmp(nodes[i].version, offer->version) != 0)
-                        agree = false;
-        }
-        if (!agree) {
-                m->agreeing_rounds = 0;
-                m->agreeing_version[0] = 0;
-                return;
-        }
-        if (strcmp(m->agreeing_version, offer->version) != 0) {
-                strscpy(m->agreeing_version, sizeof(m->agreeing_version), offer->version);
-                m->agreeing_rounds = 0;
-        }
-        if (m->agreeing_rounds == 0 || now - m->agreement_counted_usec >= m->config->poll_interval / 2) {
-                m->agreeing_rounds++;
-                m->agreement_counted_usec = now;
-        }
+static int io_state_save(void *userdata, const PersistentState *s) {
+        Manager *m = userdata;
+        return state_save(m->config->state_file, s);
 }
 
-/* The random delay is drawn once per offered version and kept across restarts. */
-static void manager_draw_delay(Manager *m, const AgentUpdate *offer) {
-        UpdateRecord *u = &m->state.update;
-
-        if (!offer || !m->config->update_enabled || strcmp(u->delay_version, offer->version) == 0)
-                return;
-        strscpy(u->delay_version, sizeof(u->delay_version), offer->version);
-        u->delay_not_before_usec =
-                now_usec(CLOCK_REALTIME) + (uint64_t) (random_unit() * (double) m->config->max_delay);
-        (void) manager_save_state(m);
+static void io_settings_apply(void *userdata, const Committed *c) {
+        Manager *m = userdata;
+        if (m->settings)
+                (void) settings_writer_apply(m->settings, c);
 }
 
-/* "delay: 143s" counts down every round; only a change of state or of the
- * kind of reason is news worth a log line. */
-static bool gate_result_same(const GateResult *a, const GateResult *b) {
-        size_t n = strcspn(a->reason, ":");
-
-        if (a->state != b->state)
-                return false;
-        if (a->state == GATE_WAITING)
-                return n == strcspn(b->reason, ":") && strncmp(a->reason, b->reason, n) == 0;
-        return strcmp(a->reason, b->reason) == 0;
+static bool io_settings_busy(void *userdata) {
+        Manager *m = userdata;
+        return m->settings && settings_writer_busy(m->settings);
 }
 
-static const AgentUpdate *manager_gate_offer(Manager *m) {
-        return m->gate_offer.present ? &m->gate_offer : NULL;
+static void io_broker_move(void *userdata, const BrokerInfo *target) {
+        Manager *m = userdata;
+        if (m->broker)
+                (void) broker_set_target(m->broker, target);
 }
 
-static void manager_start_update(Manager *m, const AgentUpdate *offer) {
-        UpdaterPhase phase = updater_phase(m->updater);
-        int r;
-
-        if (m->once || phase == UPDATER_DOWNLOADING || phase == UPDATER_APPLYING)
-                return;
-        r = updater_start(m->updater, offer, m->state.committed.primary.api_url);
-        /* A refused offer is refused again every round: say it once per version. */
-        if (r < 0 && r != -EAGAIN && r != -EBUSY && strcmp(m->refused_update_version, offer->version) != 0) {
-                log_struct(LOG_WARNING, r, MID_UPDATE_FAILED,
-                           &(LogFields){.version = offer->version, .reason = "refused"},
-                           "Cannot start the agent update %s", offer->version);
-                strscpy(m->refused_update_version, sizeof(m->refused_update_version), offer->version);
-        }
+static void io_read_installed(void *userdata, char *buf, size_t size) {
+        Manager *m = userdata;
+        (void) updater_read_installed(m->config, buf, size);
 }
 
-/* The gate as of now: the latest round's answers, agreement and offer,
- * with the clock, the configuration and the settings writer of this
- * moment (a SIGHUP or an on_change since the round counts). */
-static void manager_compute_gate(Manager *m, GateResult *ret) {
-        const Config *c = m->config;
-        GateInput in = {
-                .enabled = c->update_enabled,
-                .offer = manager_gate_offer(m),
-                .installed = m->installed_version,
-                .applied = m->state.update.applied_version,
-                .nodes = m->gate_nodes,
-                .n_nodes = m->n_gate_nodes,
-                .agreeing_rounds = m->agreeing_rounds,
-                .stable_rounds = c->stable_rounds,
-                .settings_busy = m->settings && settings_writer_busy(m->settings),
-                .now_usec = now_usec(CLOCK_REALTIME),
-                .window_set = c->window_set,
-                .window_start_min = c->window_start_min,
-                .window_end_min = c->window_end_min,
-                .delay_not_before_usec = m->state.update.delay_not_before_usec,
-        };
-        gate_evaluate(&in, ret);
+static UpdaterPhase io_update_phase(void *userdata) {
+        Manager *m = userdata;
+        return m->updater ? updater_phase(m->updater) : UPDATER_IDLE;
 }
 
-/* Acts on a verdict: a held or waiting one is logged when it is news; an
- * open one runs the verified package of this very offer, or starts (or
- * replaces) the download. A closed gate runs nothing. */
-static void manager_act_on_gate(Manager *m, const GateResult *res) {
-        const AgentUpdate *offer = manager_gate_offer(m);
-
-        if ((res->state == GATE_HELD || res->state == GATE_WAITING) && !gate_result_same(&m->gate, res))
-                log_struct(LOG_INFO, 0, MID_UPDATE_HELD,
-                           &(LogFields){.version = offer ? offer->version : NULL, .reason = res->reason},
-                           "Agent update %s %s: %s", offer ? offer->version : "",
-                           gate_state_to_string(res->state), res->reason);
-        m->gate = *res;
-
-        if (res->state != GATE_OPEN || !m->updater)
-                return;
-        /* -ESTALE: the kept package is of another offer; this one replaces it. */
-        if (updater_phase(m->updater) == UPDATER_READY && updater_apply(m->updater, offer) == 0)
-                return;
-        manager_start_update(m, offer);
+static int io_update_fetch(void *userdata, const AgentUpdate *offer, const char *trusted_api_url) {
+        Manager *m = userdata;
+        return m->updater ? updater_start(m->updater, offer, trusted_api_url) : -EOPNOTSUPP;
 }
 
-static void manager_evaluate_gate(Manager *m) {
-        const ProviderState *primary = answer_of(m, m->state.committed.primary.id, true);
-        GateResult res;
-
-        /* The offer is the committed Primary's, at the committed epoch. */
-        m->gate_offer = (AgentUpdate){};
-        if (primary && primary->epoch == m->state.committed.epoch && primary->update.present)
-                m->gate_offer = primary->update;
-        manager_count_agreement(m, manager_gate_offer(m));
-        (void) updater_read_installed(m->config, m->installed_version, sizeof(m->installed_version));
-        manager_draw_delay(m, manager_gate_offer(m));
-
-        manager_compute_gate(m, &res);
-        manager_act_on_gate(m, &res);
+static int io_update_apply(void *userdata, const AgentUpdate *offer) {
+        Manager *m = userdata;
+        return m->updater ? updater_apply(m->updater, offer) : -EOPNOTSUPP;
 }
+
+static const SyncIO sync_io = {
+        .now = io_now,
+        .state_save = io_state_save,
+        .settings_apply = io_settings_apply,
+        .settings_busy = io_settings_busy,
+        .broker_move = io_broker_move,
+        .read_installed = io_read_installed,
+        .update_phase = io_update_phase,
+        .update_fetch = io_update_fetch,
+        .update_apply = io_update_apply,
+};
 
 /* ---- the round's end ---- */
 
 static void manager_print_once_summary(Manager *m) {
-        const Committed *c = &m->state.committed;
+        const Committed *c = &m->sync.state.committed;
 
         if (c->epoch == 0) {
                 printf("no primary confirmed: %zu nodes polled\n", poller_n_targets(m->poller));
@@ -679,7 +469,8 @@ static void manager_print_once_summary(Manager *m) {
                c->primary.id, c->epoch, c->broker.host, c->broker.port, c->broker.vhost,
                c->broker.tls ? "true" : "false",
                settings_writer_error(m->settings) < 0 ? "write-failed" : "ok",
-               gate_state_to_string(m->gate.state), m->gate.reason[0] ? ": " : "", m->gate.reason);
+               gate_state_to_string(m->sync.gate.state), m->sync.gate.reason[0] ? ": " : "",
+               m->sync.gate.reason);
 }
 
 /* --once ends when the round is done and a triggered on_change has
@@ -693,7 +484,7 @@ static int on_once_check(sd_event_source *s, uint64_t usec, void *userdata) {
                 return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
         }
         manager_print_once_summary(m);
-        m->exit_code = m->state.committed.epoch > 0 && settings_writer_error(m->settings) == 0 ? 0 : 2;
+        m->exit_code = m->sync.state.committed.epoch > 0 && settings_writer_error(m->settings) == 0 ? 0 : 2;
         return sd_event_exit(m->event, m->exit_code);
 }
 
@@ -706,11 +497,23 @@ static void manager_finish_once(Manager *m) {
                 (void) sd_event_exit(m->event, 2);
 }
 
+/* Rule 7: a round in flight decides as soon as its answers decide it, so
+ * a Provider host that vanished does not hold the Agent back by
+ * request_timeout. The rest of the round is judged when it ends. */
+static void on_round_answer(Poller *p, size_t index, void *userdata) {
+        Manager *m = userdata;
+        PollRound round;
+
+        poller_get_round(p, &round);
+        if (round.n_pending == 0 || m->in_round_done)
+                return; /* the whole round is judged by on_round_done */
+        if (sync_round_progress(&m->sync, &round))
+                manager_send_status(m);
+}
+
 static void on_round_done(Poller *p, void *userdata) {
         Manager *m = userdata;
-        RuleAnswer answers[64];
-        size_t n = 0;
-        RuleResult res;
+        RuleResult prev = m->sync.last_rule, res;
         PollRound round;
 
         (void) sd_event_source_set_enabled(m->round_deadline, SD_EVENT_OFF);
@@ -720,26 +523,8 @@ static void on_round_done(Poller *p, void *userdata) {
         manager_log_targets(m);
 
         poller_get_round(p, &round);
-        for (size_t i = 0; i < round.n_answers && n < ELEMENTSOF(answers); i++) {
-                const PollAnswer *a = &round.answers[i];
-                answers[n++] = (RuleAnswer){
-                        .via_load_balancer = a->via_load_balancer, .ok = a->ok, .state = &a->state};
-        }
-        rule_evaluate(&(RuleInput){.current = &m->state.committed,
-                                   .known = m->state.nodes,
-                                   .n_known = m->state.n_nodes,
-                                   .answers = answers,
-                                   .n_answers = n},
-                      &res);
-        manager_log_rule(m, &res);
-        if (res.verdict == RULE_COMMIT)
-                manager_commit(m, &res);
-        else if (m->state.committed.epoch > 0 && manager_learn_nodes(m))
-                (void) manager_save_state(m);
-        m->last_rule = res;
-
-        if (m->state.committed.epoch > 0)
-                manager_evaluate_gate(m);
+        sync_round_done(&m->sync, &round, &res);
+        manager_log_rule(m, &prev, &res);
         manager_update_warnings(m);
         manager_send_status(m);
 
@@ -810,25 +595,16 @@ static json_t *on_status(NotifyServer *s, void *userdata) {
 static void on_updater_changed(Updater *u, void *userdata) {
         Manager *m = userdata;
 
-        (void) manager_save_state(m);
-        (void) updater_read_installed(m->config, m->installed_version, sizeof(m->installed_version));
+        sync_update_changed(&m->sync);
         manager_send_status(m);
 }
 
 /* A package is verified, maybe long after the round that opened the gate:
- * the gate is judged again now (contract 8: every condition holds when the
- * command starts). Closed, the package stays kept, and the round that
- * finds the gate open again applies it. */
+ * the sync core judges the gate again now. */
 static void on_updater_ready(Updater *u, const AgentUpdate *offer, void *userdata) {
         Manager *m = userdata;
-        GateResult res;
 
-        (void) updater_read_installed(m->config, m->installed_version, sizeof(m->installed_version));
-        manager_compute_gate(m, &res);
-        if (res.state != GATE_OPEN)
-                log_info("Agent update %s verified and kept, not applied now: update %s%s%s", offer->version,
-                         gate_state_to_string(res.state), res.reason[0] ? ": " : "", res.reason);
-        manager_act_on_gate(m, &res);
+        sync_update_ready(&m->sync, offer);
         manager_send_status(m);
 }
 
@@ -938,8 +714,9 @@ static int manager_reload(Manager *m) {
                 (void) broker_reconfigure(m->broker, new_cfg);
         if (m->updater)
                 (void) updater_reconfigure(m->updater, new_cfg);
+        sync_reconfigure(&m->sync, new_cfg);
         if (state_moved)
-                (void) manager_save_state(m);
+                (void) sync_save_state(&m->sync);
         config_free(old_cfg);
 
         log_info("Configuration reloaded from %s", new_cfg->path);
@@ -998,21 +775,26 @@ static int manager_lock_state(Manager *m, const char *state_file, int *ret_fd) {
 }
 
 static int manager_load_state(Manager *m) {
+        PersistentState loaded = {};
+        SyncIO io = sync_io;
         char err[256];
         int r;
 
         /* Leftovers of a crash in the middle of a state write. */
         (void) atomic_file_sweep(m->config->state_file);
-        r = state_load(m->config->state_file, &m->state, err, sizeof(err));
+        r = state_load(m->config->state_file, &loaded, err, sizeof(err));
 
         if (r < 0)
                 return log_error_errno(r,
                                        "Cannot use state file %s (%s); refusing to start rather than "
                                        "forget the committed epoch. Inspect or remove it",
                                        m->config->state_file, err[0] ? err : "unreadable");
-        if (m->state.committed.epoch > 0)
-                log_info("Restored primary %s at epoch %" PRIu64 " from %s", m->state.committed.primary.id,
-                         m->state.committed.epoch, m->config->state_file);
+        io.userdata = m;
+        sync_init(&m->sync, m->config, &io, &loaded, m->once);
+        if (m->sync.state.committed.epoch > 0)
+                log_info("Restored primary %s at epoch %" PRIu64 " from %s",
+                         m->sync.state.committed.primary.id, m->sync.state.committed.epoch,
+                         m->config->state_file);
         return 0;
 }
 
@@ -1064,7 +846,7 @@ static int manager_add_modules(Manager *m) {
                                                m->config->notify_listen);
         }
         (void) updater_sweep(m->config);
-        r = updater_new(m->event, m->config, &m->state.update, &updater_callbacks, m, &m->updater);
+        r = updater_new(m->event, m->config, &m->sync.state.update, &updater_callbacks, m, &m->updater);
         if (r < 0)
                 return log_error_errno(r, "Cannot set up the updater");
         return 0;
@@ -1082,7 +864,7 @@ int manager_new(Config *config, bool once, Manager **ret) {
         m->config = config;
         m->once = once;
         m->lock_fd = -1;
-        m->gate.state = config->update_enabled ? GATE_NONE : GATE_DISABLED;
+        m->sync.gate.state = config->update_enabled ? GATE_NONE : GATE_DISABLED;
         m->hint_bucket = ratelimit_init(HINT_BURST, HINT_RATE, 0);
 
         r = sd_event_default(&m->event);
@@ -1147,7 +929,7 @@ Manager *manager_free(Manager *m) {
 }
 
 int manager_run(Manager *m) {
-        const Committed *c = &m->state.committed;
+        const Committed *c = &m->sync.state.committed;
         int r;
 
         /* A committed pair survives restarts: make the file and the broker

@@ -20,11 +20,11 @@
 #include "rule.h"
 #include "settings.h"
 #include "state.h"
+#include "sync.h"
 #include "updater.h"
 
-#define MANAGER_MAX_WARNINGS     16
-#define MANAGER_WARNING_MAX      256
-#define MANAGER_MAX_CHANGE_TIMES 8
+#define MANAGER_MAX_WARNINGS 16
+#define MANAGER_WARNING_MAX  256
 
 /* The last error logged for a failing poll target. */
 typedef struct ReportedError {
@@ -51,7 +51,7 @@ typedef struct Manager {
         NotifyServer *notify;
         Updater *updater;
 
-        PersistentState state;
+        Sync sync;   /* the decisions: committed pair, rule verdict, update gate */
         int lock_fd; /* the single-instance lock next to the state file */
 
         /* Round scheduling. */
@@ -60,39 +60,22 @@ typedef struct Manager {
         bool hint_deferred; /* the poll timer is armed for a hint round */
         /* The token bucket that spaces hint rounds in a storm. */
         RateLimit hint_bucket;
-        bool state_save_failed;          /* a commit waits for the state file */
         bool in_round_done;              /* requests made while a round is judged wait for it */
         unsigned discovery_rounds;       /* immediate rounds in a row for newly found nodes */
         sd_event_source *round_deadline; /* a round that never ends is cut off */
         uint64_t fast_delay_usec;        /* current fast-poll delay, 0 when steady */
 
-        /* What the last round concluded, for the status document. */
-        RuleResult last_rule;
+        /* What the rounds showed, for logs and the status document. */
         RuleStale logged_stale[16];                 /* ring: stale primaries already logged */
         ReportedError reported[POLLER_MAX_TARGETS]; /* poll targets failing, as last logged */
         size_t n_reported;
         size_t logged_stale_next, logged_stale_used;
         char warnings[MANAGER_MAX_WARNINGS][MANAGER_WARNING_MAX];
         size_t n_warnings;
-        uint64_t last_poll_usec;                         /* CLOCK_REALTIME, 0 never */
-        uint64_t last_change_usec;                       /* CLOCK_REALTIME, 0 never */
-        uint64_t change_times[MANAGER_MAX_CHANGE_TIMES]; /* CLOCK_MONOTONIC of recent Primary changes */
-        size_t n_change_times;
-
-        /* Update gate memory across rounds. The latest round's inputs are
-         * kept so the gate can be judged again when a package is ready. */
-        GateResult gate;
-        GateNode gate_nodes[PROVIDER_NODES_MAX]; /* the latest round's */
-        size_t n_gate_nodes;
-        AgentUpdate gate_offer; /* the latest round's offer; .present false: none */
-        unsigned agreeing_rounds;
-        uint64_t agreement_counted_usec; /* CLOCK_MONOTONIC of the last round counted */
-        char agreeing_version[PROVIDER_VERSION_MAX + 1];
-        char installed_version[PROVIDER_VERSION_MAX + 1];
-        char refused_update_version[PROVIDER_VERSION_MAX + 1]; /* logged once */
+        uint64_t last_poll_usec; /* CLOCK_REALTIME, 0 never */
 
         struct {
-                uint64_t polls, events, notifies, changes;
+                uint64_t polls, events, notifies;
         } counters;
 
         char status_text[512]; /* last STATUS= sent */

@@ -66,9 +66,9 @@ static json_t *primary_json(const Committed *c) {
 static const char *target_id(const Manager *m, const PollAnswer *t) {
         if (t->have_state)
                 return t->state.node.id;
-        for (size_t i = 0; i < m->state.n_nodes; i++)
-                if (strcmp(m->state.nodes[i].api_url, t->url) == 0)
-                        return m->state.nodes[i].id;
+        for (size_t i = 0; i < m->sync.state.n_nodes; i++)
+                if (strcmp(m->sync.state.nodes[i].api_url, t->url) == 0)
+                        return m->sync.state.nodes[i].id;
         return NULL;
 }
 
@@ -123,27 +123,16 @@ static json_t *warnings_json(const Manager *m) {
         return a;
 }
 
-/* The version offered by the committed Primary's latest answer. */
-static const char *offered_version(Manager *m) {
-        const Committed *c = &m->state.committed;
-        PollRound round = round_of(m);
-
-        if (c->epoch == 0)
-                return NULL;
-        for (size_t i = 0; i < round.n_answers; i++) {
-                const PollAnswer *t = &round.answers[i];
-
-                if (!t->via_load_balancer && t->have_state && strcmp(t->state.node.id, c->primary.id) == 0 &&
-                    t->state.update.present)
-                        return t->state.update.version;
-        }
-        return NULL;
+/* The offer of the latest round, as the sync core computed it for the
+ * gate (one computation: the status never disagrees with the gate). */
+static const char *offered_version(const Manager *m) {
+        return m->sync.have_offer ? m->sync.offer.version : NULL;
 }
 
 /* The gate's verdict, refined by what the updater is doing right now. */
 static json_t *update_json(Manager *m) {
-        const char *state = gate_state_to_string(m->gate.state);
-        const char *reason = m->gate.reason;
+        const char *state = gate_state_to_string(m->sync.gate.state);
+        const char *reason = m->sync.gate.reason;
 
         if (m->updater) {
                 switch (updater_phase(m->updater)) {
@@ -167,11 +156,11 @@ static json_t *update_json(Manager *m) {
                 default:
                         /* Open but idle: either about to start, or a failed
                          * apply backing off (also right after a restart). */
-                        if (m->gate.state == GATE_OPEN && m->state.update.failures > 0 &&
-                            streq_ptr(m->state.update.failed_version, offered_version(m))) {
+                        if (m->sync.gate.state == GATE_OPEN && m->sync.state.update.failures > 0 &&
+                            streq_ptr(m->sync.state.update.failed_version, offered_version(m))) {
                                 state = "failed";
                                 reason = "retry_pending";
-                        } else if (m->gate.state == GATE_OPEN) {
+                        } else if (m->sync.gate.state == GATE_OPEN) {
                                 state = "waiting";
                                 reason = "starting";
                         }
@@ -180,7 +169,7 @@ static json_t *update_json(Manager *m) {
         }
         return json_pack("{s:s, s:o, s:o, s:o}", "state", state ? state : "none", "reason",
                          string_or_null(reason), "target", string_or_null(offered_version(m)), "installed",
-                         string_or_null(m->installed_version));
+                         string_or_null(m->sync.installed_version));
 }
 
 static const char *broker_connection(const Manager *m) {
@@ -195,10 +184,11 @@ json_t *manager_status_json(Manager *m) {
         /* json_pack steals the "o" references, also on failure. */
         return json_pack(
                 "{s:s, s:I, s:o, s:s, s:o, s:o, s:o*, s:o*, s:o*, s:{s:I, s:I, s:I, s:I}}", "daemon_version",
-                DAEMON_VERSION, "epoch", (json_int_t) m->state.committed.epoch, "primary",
-                primary_json(&m->state.committed), "broker_connection", broker_connection(m), "last_poll",
-                rfc3339_or_null(m->last_poll_usec), "last_change", rfc3339_or_null(m->last_change_usec),
-                "nodes", nodes_json(m), "warnings", warnings_json(m), "update", update_json(m), "counters",
-                "polls", (json_int_t) m->counters.polls, "events", (json_int_t) m->counters.events,
-                "notifies", (json_int_t) m->counters.notifies, "changes", (json_int_t) m->counters.changes);
+                DAEMON_VERSION, "epoch", (json_int_t) m->sync.state.committed.epoch, "primary",
+                primary_json(&m->sync.state.committed), "broker_connection", broker_connection(m),
+                "last_poll", rfc3339_or_null(m->last_poll_usec), "last_change",
+                rfc3339_or_null(m->sync.last_change_usec), "nodes", nodes_json(m), "warnings",
+                warnings_json(m), "update", update_json(m), "counters", "polls",
+                (json_int_t) m->counters.polls, "events", (json_int_t) m->counters.events, "notifies",
+                (json_int_t) m->counters.notifies, "changes", (json_int_t) m->sync.changes);
 }

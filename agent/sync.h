@@ -85,6 +85,8 @@ typedef struct Sync {
  * allocation: a Sync may simply be dropped (the simulation's crashes). */
 void sync_init(Sync *s, const Config *cfg, const SyncIO *io, const PersistentState *loaded, bool once);
 void sync_reconfigure(Sync *s, const Config *cfg);
+/* Writes the persistent state now (logged on failure). */
+int sync_save_state(Sync *s);
 
 /* Rule 7, while the round is in flight: commits when the answers in hand
  * already decide. Returns true when it committed. */
@@ -96,6 +98,6 @@ void sync_round_done(Sync *s, const PollRound *round, RuleResult *ret_rule);
  * moment (the latest round's answers, the clock now, the config now, the
  * settings writer now) and the command runs only when it is open for the
  * same offer. */
-void sync_update_ready(Sync *s);
+void sync_update_ready(Sync *s, const AgentUpdate *verified);
 /* The updater changed the update record (applied, failed): save it. */
 void sync_update_changed(Sync *s);

@@ -202,28 +202,19 @@ static void check_integer(json_t *v, uint64_t want) {
 static const char *expected_target_id(const Manager *m, const PollAnswer *t) {
         if (t->have_state)
                 return t->state.node.id;
-        for (size_t i = 0; i < m->state.n_nodes; i++)
-                if (strcmp(m->state.nodes[i].api_url, t->url) == 0)
-                        return m->state.nodes[i].id;
+        for (size_t i = 0; i < m->sync.state.n_nodes; i++)
+                if (strcmp(m->sync.state.nodes[i].api_url, t->url) == 0)
+                        return m->sync.state.nodes[i].id;
         return NULL;
 }
 
 static const char *expected_offer(const Manager *m) {
-        /* Without a poller there are no answers, so no offer either. */
-        if (m->state.committed.epoch == 0 || !m->poller)
-                return NULL;
-        for (size_t i = 0; i < n_targets; i++) {
-                const PollAnswer *t = &targets[i];
-
-                if (!t->via_load_balancer && t->have_state &&
-                    strcmp(t->state.node.id, m->state.committed.primary.id) == 0 && t->state.update.present)
-                        return t->state.update.version;
-        }
-        return NULL;
+        /* The status shows the sync core's offer, never one of its own. */
+        return m->sync.have_offer ? m->sync.offer.version : NULL;
 }
 
 static void check_update(const Manager *m, json_t *u) {
-        const char *state = gate_state_to_string(m->gate.state), *reason = m->gate.reason;
+        const char *state = gate_state_to_string(m->sync.gate.state), *reason = m->sync.gate.reason;
         const char *offer = expected_offer(m);
 
         if (m->updater) {
@@ -235,11 +226,11 @@ static void check_update(const Manager *m, json_t *u) {
                         reason = updater_last_error(m->updater);
                 } else if (phase_now == UPDATER_READY) {
                         /* the gate's verdict as it is */
-                } else if (m->gate.state == GATE_OPEN && m->state.update.failures > 0 &&
-                           streq_ptr(m->state.update.failed_version, offer)) {
+                } else if (m->sync.gate.state == GATE_OPEN && m->sync.state.update.failures > 0 &&
+                           streq_ptr(m->sync.state.update.failed_version, offer)) {
                         state = "failed";
                         reason = "retry_pending";
-                } else if (m->gate.state == GATE_OPEN) {
+                } else if (m->sync.gate.state == GATE_OPEN) {
                         state = "waiting";
                         reason = "starting";
                 }
@@ -248,11 +239,11 @@ static void check_update(const Manager *m, json_t *u) {
         check_string(json_object_get(u, "state"), state ? state : "none");
         check_string_or_null(json_object_get(u, "reason"), reason);
         check_string_or_null(json_object_get(u, "target"), offer);
-        check_string_or_null(json_object_get(u, "installed"), m->installed_version);
+        check_string_or_null(json_object_get(u, "installed"), m->sync.installed_version);
 }
 
 static void check_document(const Manager *m, json_t *d) {
-        const Committed *c = &m->state.committed;
+        const Committed *c = &m->sync.state.committed;
         json_t *v, *a;
         size_t k = 0;
 
@@ -280,7 +271,7 @@ static void check_document(const Manager *m, json_t *d) {
         check_string(json_object_get(d, "broker_connection"),
                      m->broker ? broker_conn_state_to_string(broker_now) : "down");
         check_time(json_object_get(d, "last_poll"), m->last_poll_usec);
-        check_time(json_object_get(d, "last_change"), m->last_change_usec);
+        check_time(json_object_get(d, "last_change"), m->sync.last_change_usec);
 
         a = json_object_get(d, "nodes");
         CHECK(json_is_array(a));
@@ -322,7 +313,7 @@ static void check_document(const Manager *m, json_t *d) {
         check_integer(json_object_get(v, "polls"), m->counters.polls);
         check_integer(json_object_get(v, "events"), m->counters.events);
         check_integer(json_object_get(v, "notifies"), m->counters.notifies);
-        check_integer(json_object_get(v, "changes"), m->counters.changes);
+        check_integer(json_object_get(v, "changes"), m->sync.changes);
 }
 
 /* ---- the Manager from the input ---- */
@@ -393,31 +384,35 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         updater_error_null = data[0] & 8;
         broker_now = (BrokerConnState) (data[1] % 3);
         phase_now = (UpdaterPhase) (data[2] % 5);
-        m.gate.state = (GateState) (data[3] % 6);
-        m.state.update.failures = data[4];
+        m.sync.gate.state = (GateState) (data[3] % 6);
+        m.sync.state.update.failures = data[4];
         m.last_poll_usec = clock_usec(data + 8);
-        m.last_change_usec = clock_usec(data + 16);
+        m.sync.last_change_usec = clock_usec(data + 16);
         /* Counters count real events: they never reach 2^62. */
         m.counters.polls = get_u64(data + 24) >> 2;
         m.counters.events = (uint64_t) data[5] << 40 | data[6];
         m.counters.notifies = get_u64(data + 32) >> 2;
-        m.counters.changes = get_u64(data + 40) >> 2;
+        m.sync.changes = get_u64(data + 40) >> 2;
 
         n = split(data + HEADER_LEN, size - HEADER_LEN, ch, sizeof(ch) / sizeof(ch[0]));
         for (size_t i = n; i < sizeof(ch) / sizeof(ch[0]); i++)
                 ch[i] = (Chunk){(const uint8_t *) "", 0};
 
         if (provider_state_parse((const char *) ch[0].p, ch[0].n, &primary, err, sizeof(err)) == 0) {
-                m.state.committed.epoch = primary.epoch;
-                m.state.committed.primary = primary.primary;
-                m.state.committed.broker = primary.broker;
-                m.state.n_nodes = primary.n_nodes;
-                memcpy(m.state.nodes, primary.nodes, sizeof(primary.nodes));
+                m.sync.state.committed.epoch = primary.epoch;
+                m.sync.state.committed.primary = primary.primary;
+                m.sync.state.committed.broker = primary.broker;
+                m.sync.state.n_nodes = primary.n_nodes;
+                memcpy(m.sync.state.nodes, primary.nodes, sizeof(primary.nodes));
+                /* The round's offer, as the sync core keeps it. */
+                m.sync.have_offer = primary.update.present && (data[0] & 16);
+                m.sync.offer = primary.update;
         }
         /* The gate builds its reasons from validated ids and versions. */
-        put_string(m.gate.reason, sizeof(m.gate.reason), ch[1].p, ch[1].n);
-        put_string(m.installed_version, sizeof(m.installed_version), ch[2].p, ch[2].n);
-        put_string(m.state.update.failed_version, sizeof(m.state.update.failed_version), ch[3].p, ch[3].n);
+        put_string(m.sync.gate.reason, sizeof(m.sync.gate.reason), ch[1].p, ch[1].n);
+        put_string(m.sync.installed_version, sizeof(m.sync.installed_version), ch[2].p, ch[2].n);
+        put_string(m.sync.state.update.failed_version, sizeof(m.sync.state.update.failed_version), ch[3].p,
+                   ch[3].n);
         put_string(updater_error, sizeof(updater_error), ch[4].p, ch[4].n);
         for (const uint8_t *p = ch[5].p, *end = ch[5].p + ch[5].n;
              p < end && m.n_warnings < MANAGER_MAX_WARNINGS;) {

@@ -76,28 +76,32 @@ static void test_full_manager(void **state) {
         Manager m = {.poller = (Poller *) 1, .broker = (Broker *) 1, .updater = NULL};
         json_t *doc, *nodes, *n, *u;
 
-        m.state.committed.epoch = 8;
-        strscpy(m.state.committed.primary.id, sizeof(m.state.committed.primary.id), "p2");
-        strscpy(m.state.committed.primary.api_url, sizeof(m.state.committed.primary.api_url),
+        m.sync.state.committed.epoch = 8;
+        strscpy(m.sync.state.committed.primary.id, sizeof(m.sync.state.committed.primary.id), "p2");
+        strscpy(m.sync.state.committed.primary.api_url, sizeof(m.sync.state.committed.primary.api_url),
                 "https://p2:8443");
-        strscpy(m.state.committed.broker.host, sizeof(m.state.committed.broker.host), "p2.example");
-        m.state.committed.broker.port = 5671;
-        strscpy(m.state.committed.broker.vhost, sizeof(m.state.committed.broker.vhost), "/dsm");
-        m.state.committed.broker.tls = true;
-        m.state.n_nodes = 1;
-        strscpy(m.state.nodes[0].id, sizeof(m.state.nodes[0].id), "p3");
-        strscpy(m.state.nodes[0].api_url, sizeof(m.state.nodes[0].api_url), "https://p3:8443");
+        strscpy(m.sync.state.committed.broker.host, sizeof(m.sync.state.committed.broker.host),
+                "p2.example");
+        m.sync.state.committed.broker.port = 5671;
+        strscpy(m.sync.state.committed.broker.vhost, sizeof(m.sync.state.committed.broker.vhost), "/dsm");
+        m.sync.state.committed.broker.tls = true;
+        m.sync.state.n_nodes = 1;
+        strscpy(m.sync.state.nodes[0].id, sizeof(m.sync.state.nodes[0].id), "p3");
+        strscpy(m.sync.state.nodes[0].api_url, sizeof(m.sync.state.nodes[0].api_url), "https://p3:8443");
         m.last_poll_usec = UINT64_C(1795624200) * USEC_PER_SEC;
         strscpy(m.warnings[0], sizeof(m.warnings[0]), "stale primary p1 at epoch 7");
         m.n_warnings = 1;
-        m.gate.state = GATE_HELD;
-        strscpy(m.gate.reason, sizeof(m.gate.reason), "version_skew: p3=9.0.0");
-        strscpy(m.installed_version, sizeof(m.installed_version), "9.0.0");
+        m.sync.gate.state = GATE_HELD;
+        strscpy(m.sync.gate.reason, sizeof(m.sync.gate.reason), "version_skew: p3=9.0.0");
+        strscpy(m.sync.installed_version, sizeof(m.sync.installed_version), "9.0.0");
         m.counters.polls = 5;
 
         target(0, "https://p2:8443", "p2", NODE_ROLE_PRIMARY, "9.0.1", false);
         targets[0].state.update.present = true;
         strscpy(targets[0].state.update.version, sizeof(targets[0].state.update.version), "9.0.1");
+        /* The offer is the sync core's, computed once per round. */
+        m.sync.have_offer = true;
+        m.sync.offer = targets[0].state.update;
         target(1, "https://lb:8443", "p1", NODE_ROLE_STANDBY, "9.0.1", true);
         target(2, "https://p3:8443", NULL, NODE_ROLE_STANDBY, NULL, false);
         n_targets = 3;

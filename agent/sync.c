@@ -27,7 +27,7 @@ void sync_reconfigure(Sync *s, const Config *cfg) {
         s->config = cfg;
 }
 
-static int sync_save(Sync *s) {
+int sync_save_state(Sync *s) {
         int r = s->io.state_save(s->io.userdata, &s->state);
 
         if (r < 0)
@@ -64,7 +64,8 @@ static bool sync_learn_nodes(Sync *s, const PollRound *round) {
         for (size_t i = 0; !own && i < round->n_answers; i++) {
                 const PollAnswer *a = &round->answers[i];
                 if (answer_counts(a) && a->state.epoch == c->epoch &&
-                    strcmp(a->state.primary.id, c->primary.id) == 0 && (!best || a->state.n_nodes > best->n_nodes))
+                    strcmp(a->state.primary.id, c->primary.id) == 0 &&
+                    (!best || a->state.n_nodes > best->n_nodes))
                         best = &a->state;
         }
         if (!best || best->n_nodes == 0)
@@ -83,7 +84,8 @@ static void sync_rule(const Sync *s, const PollRound *round, bool partial, RuleR
 
         for (size_t i = 0; i < round->n_answers && n < ELEMENTSOF(answers); i++) {
                 const PollAnswer *a = &round->answers[i];
-                answers[n++] = (RuleAnswer){.via_load_balancer = a->via_load_balancer, .ok = a->ok, .state = &a->state};
+                answers[n++] = (RuleAnswer){
+                        .via_load_balancer = a->via_load_balancer, .ok = a->ok, .state = &a->state};
         }
         rule_evaluate(&(RuleInput){.current = &s->state.committed,
                                    .known = s->state.nodes,
@@ -120,7 +122,7 @@ static void sync_commit(Sync *s, const PollRound *round, const RuleResult *res) 
 
         s->state.committed = *c;
         (void) sync_learn_nodes(s, round);
-        if (sync_save(s) < 0) {
+        if (sync_save_state(s) < 0) {
                 s->state = prev;
                 s->state_save_failed = true;
                 return;
@@ -208,7 +210,7 @@ static void sync_draw_delay(Sync *s) {
         strscpy(u->delay_version, sizeof(u->delay_version), s->offer.version);
         u->delay_not_before_usec =
                 sync_now(s, CLOCK_REALTIME) + (uint64_t) (random_unit() * (double) s->config->max_delay);
-        (void) sync_save(s);
+        (void) sync_save_state(s);
 }
 
 /* "delay: 143s" counts down every round; only a change of state or of the
@@ -249,7 +251,8 @@ static void sync_gate_now(Sync *s) {
         gate_evaluate(&in, &res);
         if ((res.state == GATE_HELD || res.state == GATE_WAITING) && !gate_result_same(&s->gate, &res))
                 log_struct(LOG_INFO, 0, MID_UPDATE_HELD,
-                           &(LogFields){.version = s->have_offer ? s->offer.version : NULL, .reason = res.reason},
+                           &(LogFields){.version = s->have_offer ? s->offer.version : NULL,
+                                        .reason = res.reason},
                            "Agent update %s %s: %s", s->have_offer ? s->offer.version : "",
                            gate_state_to_string(res.state), res.reason);
         s->gate = res;
@@ -272,7 +275,8 @@ static void sync_act_on_gate(Sync *s) {
                 return;
         r = s->io.update_fetch(s->io.userdata, &s->offer, s->state.committed.primary.api_url);
         /* A refused offer is refused again every round: say it once per version. */
-        if (r < 0 && r != -EAGAIN && r != -EBUSY && strcmp(s->refused_update_version, s->offer.version) != 0) {
+        if (r < 0 && r != -EAGAIN && r != -EBUSY &&
+            strcmp(s->refused_update_version, s->offer.version) != 0) {
                 log_struct(LOG_WARNING, r, MID_UPDATE_FAILED,
                            &(LogFields){.version = s->offer.version, .reason = "refused"},
                            "Cannot start the agent update %s", s->offer.version);
@@ -301,7 +305,7 @@ void sync_round_done(Sync *s, const PollRound *round, RuleResult *ret_rule) {
         if (res.verdict == RULE_COMMIT)
                 sync_commit(s, round, &res);
         else if (s->state.committed.epoch > 0 && sync_learn_nodes(s, round))
-                (void) sync_save(s);
+                (void) sync_save_state(s);
         s->last_rule = res;
         if (s->state.committed.epoch > 0)
                 sync_evaluate_gate(s, round);
@@ -309,15 +313,19 @@ void sync_round_done(Sync *s, const PollRound *round, RuleResult *ret_rule) {
                 *ret_rule = res;
 }
 
-void sync_update_ready(Sync *s) {
+void sync_update_ready(Sync *s, const AgentUpdate *verified) {
         /* Contract 8: every condition holds at the moment the command
-         * starts, not only when the download began. */
+         * starts, not only when the download began. Closed, the package
+         * stays kept, and the round that finds the gate open applies it. */
         sync_gate_now(s);
-        if (s->gate.state == GATE_OPEN && s->have_offer && !s->once)
-                (void) s->io.update_apply(s->io.userdata, &s->offer);
+        if (s->gate.state != GATE_OPEN)
+                log_info("Agent update %s verified and kept, not applied now: update %s%s%s",
+                         verified->version, gate_state_to_string(s->gate.state),
+                         s->gate.reason[0] ? ": " : "", s->gate.reason);
+        sync_act_on_gate(s);
 }
 
 void sync_update_changed(Sync *s) {
-        (void) sync_save(s);
+        (void) sync_save_state(s);
         s->io.read_installed(s->io.userdata, s->installed_version, sizeof(s->installed_version));
 }
