@@ -183,7 +183,6 @@ def _prepare(ct, ports):
     ct.write("/etc/systemd/system/dsm-agent.service",
              "[Unit]\nDescription=Stand-in for the DSM agent\n"
              "[Service]\nExecStart=/bin/sleep infinity\n")
-    ct.write("/etc/dsm-agent/VERSION", "9.0.0\n")
 
 
 def _install(box, deb_path):
@@ -192,6 +191,12 @@ def _install(box, deb_path):
     box.sh("DEBIAN_FRONTEND=noninteractive dpkg -i /root/%s" % os.path.basename(deb_path), timeout=120)
     # The packaged conffile (a placeholder load balancer) let it start; now
     # the test's configuration and secrets.
+    # The Agent as installed before any update: the privileged side updates
+    # only an installed dsm-agent, to a higher version.
+    d = os.path.join(box.workdir, "agent-9.0.0")
+    os.makedirs(d)
+    ct.copy_in(debs.build_agent_deb(d, "9.0.0"), "/root/dsm-agent_9.0.0_all.deb")
+    box.sh("dpkg -i /root/dsm-agent_9.0.0_all.deb", timeout=60)
     box.secret("/etc/dsm-agent-sync/provider.token", box.sim.token)
     box.write_config()
     if WATCHDOG_SEC != 30:
@@ -354,7 +359,7 @@ def test_update_through_privileged_handoff(box):
     # The privileged side installed the file it checked against the offer's
     # sha256 (DSM_UPDATE_SHA256), not a hash of its own.
     out = box.journal("dsm-agent-sync-apply-update.service", cur)
-    assert re.search(r"installing \S+ \(version 9\.0\.1, sha256 %s\)" % sha, out), out
+    assert re.search(r"installing \S+ \((dsm-agent )?version 9\.0\.1, sha256 %s\)" % sha, out), out
     assert "installed version 9.0.1" in out, out
     v = box.sh("dpkg-query -W -f '${Version}' dsm-agent").stdout
     assert v == "9.0.1"
