@@ -8,8 +8,9 @@ RabbitMQ inside the container (Debian's rabbitmq-server.service).
 Run with `make systemd-check` (make check runs it). Skipped, with the
 reason, where systemd-nspawn cannot boot a container (not root, no
 systemd-container, no overlayfs). The tests share one container and run in
-file order; the module fixture stops everything and checks that nothing is
-left mounted. The duration and the unit's exposure score are printed.
+file order, the support drills (tests/drills/) last; the module fixture
+stops everything and checks that nothing is left mounted. The duration and
+the unit's exposure score are printed.
 """
 
 import hashlib
@@ -228,12 +229,12 @@ def box(request):
             built["error"] = e
 
     builder = threading.Thread(target=build)
-    builder.start()
     sim = None
     try:
         try:
             ct.prepare()
             _prepare(ct, ports)
+            builder.start()
             ct.boot(timeout=150)
         except nspawn.ContainerError as e:
             # No overlay mount, or nspawn gave up: it cannot boot here. A
@@ -252,7 +253,8 @@ def box(request):
         _install(b, built["deb"])
         yield b
     finally:
-        builder.join()
+        if builder.is_alive():
+            builder.join()
         if sim is not None:
             sim.stop()
         failed = any(getattr(i, "rep_call", None) is not None and i.rep_call.failed
