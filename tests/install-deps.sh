@@ -9,7 +9,7 @@ build-essential pkg-config make gcc clang libclang-rt-14-dev clang-format
 librabbitmq-dev libcurl4-openssl-dev libssl-dev libjansson-dev libsystemd-dev
 libinih-dev libmicrohttpd-dev libcmocka-dev
 python3 python3-pytest python3-pika rabbitmq-server
-openssl curl iproute2 nftables valgrind procps systemd
+openssl curl iproute2 nftables valgrind procps systemd systemd-container
 debhelper dpkg-dev fakeroot lintian rpm man-db groff-base
 gpg gpg-agent gpgv
 "
