@@ -117,10 +117,15 @@ static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
+/* Steady unless the Primary is unknown or its broker connection was lost.
+ * A connection being set up for a newly committed Primary is no loss:
+ * with a fleet moving at once, fast polls there would multiply the
+ * Provider's load exactly when it has just failed over (issue 14); only a
+ * failed attempt counts. */
 static bool manager_steady(Manager *m) {
         if (m->sync.state.committed.epoch == 0)
                 return false;
-        return !m->broker || broker_state(m->broker) == BROKER_CONNECTED;
+        return !m->broker || !m->broker_lost;
 }
 
 /* Arms the timer for the next round: steady, or the fast-poll backoff
@@ -133,11 +138,9 @@ static void manager_schedule_next(Manager *m) {
                 m->fast_delay_usec = 0;
                 delay = c->poll_interval;
         } else {
-                if (m->fast_delay_usec == 0)
-                        m->fast_delay_usec = c->fast_poll_interval;
+                m->fast_delay_usec =
+                        backoff_next(m->fast_delay_usec, c->fast_poll_interval, c->poll_interval);
                 delay = m->fast_delay_usec;
-                m->fast_delay_usec = m->fast_delay_usec * 2 > c->poll_interval ? c->poll_interval
-                                                                               : m->fast_delay_usec * 2;
         }
         delay = jittered(delay, c->poll_jitter);
         (void) sd_event_source_set_time(m->poll_timer, now_usec(CLOCK_MONOTONIC) + delay);
@@ -420,8 +423,12 @@ static bool io_settings_busy(void *userdata) {
 
 static void io_broker_move(void *userdata, const BrokerInfo *target) {
         Manager *m = userdata;
-        if (m->broker)
-                (void) broker_set_target(m->broker, target);
+
+        if (!m->broker)
+                return;
+        /* A new connection is not a loss until it fails. */
+        m->broker_lost = false;
+        (void) broker_set_target(m->broker, target);
 }
 
 static void io_read_installed(void *userdata, char *buf, size_t size) {
@@ -568,6 +575,7 @@ static void on_broker_event(Broker *b, const char *routing_key, const void *body
 static void on_broker_state(Broker *b, BrokerConnState state, const char *reason, void *userdata) {
         Manager *m = userdata;
 
+        m->broker_lost = state == BROKER_DOWN ? true : state == BROKER_CONNECTED ? false : m->broker_lost;
         if (state == BROKER_DOWN) {
                 /* Lost: poll at once (spread by hint_spread when set), then
                  * the fast-poll backoff (contract 4). */

@@ -64,6 +64,7 @@ typedef struct Manager {
         unsigned discovery_rounds;       /* immediate rounds in a row for newly found nodes */
         sd_event_source *round_deadline; /* a round that never ends is cut off */
         uint64_t fast_delay_usec;        /* current fast-poll delay, 0 when steady */
+        bool broker_lost;                /* the connection failed (not: is being set up) */
 
         /* What the rounds showed, for logs and the status document. */
         RuleStale logged_stale[16];                 /* ring: stale primaries already logged */
