@@ -95,5 +95,17 @@ void manager_request_round(Manager *m, const char *why);
  * cheap, and delayed by up to [provider] hint_spread when that is set. */
 void manager_request_hint_round(Manager *m, const char *why);
 
+/* Logs a Provider node that starts or stops failing, not every failed poll
+ * (agent/health.c). */
+void manager_log_targets(Manager *m);
+/* Forgets what was logged about targets that are no longer polled. */
+void manager_forget_reports(Manager *m);
+/* Logs stale primaries (once per node and epoch) and a new conflict. */
+void manager_log_rule(Manager *m, const RuleResult *prev, const RuleResult *res);
+/* STATUS= for systemd, sent when it changes (agent/health.c). */
+void manager_send_status(Manager *m);
+/* The warnings of the status document, from the latest round (agent/health.c). */
+void manager_update_warnings(Manager *m);
+
 /* The status document of contract section 7 (agent/status.c). */
 json_t *manager_status_json(Manager *m);
