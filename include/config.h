@@ -10,15 +10,15 @@
 
 #include "log.h"
 
-#define CONFIG_DEFAULT_PATH  "/etc/dsm-agent-sync/agent-sync.ini"
+#define CONFIG_DEFAULT_PATH "/etc/dsm-agent-sync/agent-sync.ini"
 /* The local control socket ([daemon] control_socket); /run/dsm-agent-sync
  * is the unit's RuntimeDirectory. */
 #define CONFIG_DEFAULT_CONTROL_SOCKET "/run/dsm-agent-sync/control.sock"
-#define CONFIG_MAX_ENDPOINTS 16
-#define CONFIG_MAX_ALLOW     32
-#define CONFIG_MAX_ARGV      32
-#define CONFIG_ERROR_MAX     512
-#define CONFIG_MAX_SECRET    4096 /* a token or password file, bytes */
+#define CONFIG_MAX_ENDPOINTS          16
+#define CONFIG_MAX_ALLOW              32
+#define CONFIG_MAX_ARGV               32
+#define CONFIG_ERROR_MAX              512
+#define CONFIG_MAX_SECRET             4096 /* a token or password file, bytes */
 
 typedef uint64_t usec_t;
 

@@ -283,7 +283,8 @@ static const KeyCase bad_keys[] = {
         {"daemon", "control_socket", "/run/x y", "absolute"},
         {"daemon", "control_socket", "Off", "absolute"},
         {"daemon", "control_socket",
-         "/run/dsm-agent-sync/a-directory-name-long-enough-to-exceed-the-limit/of-the-path-of-a-unix-socket/control.sock",
+         "/run/dsm-agent-sync/a-directory-name-long-enough-to-exceed-the-limit/of-the-path-of-a-unix-socket/"
+         "control.sock",
          "longer than 107 bytes"},
         {"daemon", "bogus", "1", "unknown key"},
 };
@@ -471,16 +472,16 @@ static void test_control_socket(void **state) {
         Config *c = NULL;
 
         (void) state;
-        assert_int_equal(load("[provider]\nload_balancer = https://lb\n[daemon]\ncontrol_socket = off\n", &c),
-                         0);
+        assert_int_equal(
+                load("[provider]\nload_balancer = https://lb\n[daemon]\ncontrol_socket = off\n", &c), 0);
         assert_null(c->control_socket);
         config_free(c);
 
         memset(path, 'a', sizeof(path) - 1);
         path[0] = '/';
         path[sizeof(path) - 2] = 0; /* 107 bytes */
-        snprintf(text, sizeof(text), "[provider]\nload_balancer = https://lb\n[daemon]\ncontrol_socket = %s\n",
-                 path);
+        snprintf(text, sizeof(text),
+                 "[provider]\nload_balancer = https://lb\n[daemon]\ncontrol_socket = %s\n", path);
         assert_int_equal(load(text, &c), 0);
         assert_string_equal(c->control_socket, path);
         config_free(c);

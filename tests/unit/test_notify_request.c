@@ -37,8 +37,8 @@ static const Case cases[] = {
         {"GET", "/v1/status", NULL, NULL, NULL, true, 5, NOCL, 200, true},
         {"POST", "/v1/notify", NULL, NULL, "", true, 0, NOCL, 202, true},
         {"POST", "/v1/notify", NULL, NULL, "{\"reason\":\"x\"}", true, 0, NOCL, 202, true},
-        {"PATCH", "/onboarding/api/agent/rabbitmq/endpoints", NULL, NULL, "{\"endpoint\":\"p2\",\"port\":5671}",
-         true, 0, NOCL, 202, true},
+        {"PATCH", "/onboarding/api/agent/rabbitmq/endpoints", NULL, NULL,
+         "{\"endpoint\":\"p2\",\"port\":5671}", true, 0, NOCL, 202, true},
         /* ... and every other check still applies to it. */
         {"POST", "/v1/notify", NULL, NULL, "[1]", true, 0, NOCL, 400, false},
         {"POST", "/v1/notify", NULL, NULL, "", true, 0, NOTIFY_BODY_MAX + 1, 413, false},
@@ -75,7 +75,10 @@ static void test_trust(void **state) {
 
 /* The first stage (headers only) lets a trusted peer's body be read. */
 static void test_trusted_headers_only(void **state) {
-        NotifyRequest req = {.method = "POST", .path = "/v1/notify", .trusted = true, .headers_only = true,
+        NotifyRequest req = {.method = "POST",
+                             .path = "/v1/notify",
+                             .trusted = true,
+                             .headers_only = true,
                              .content_length = 10};
         NotifyReply r;
 
