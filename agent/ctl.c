@@ -1,12 +1,14 @@
-/* dsm-agent-syncctl: asks the local daemon over its notify listener.
+/* dsm-agent-syncctl: asks the local daemon.
  *
  *   dsm-agent-syncctl [-c FILE] status [--json]
  *   dsm-agent-syncctl [-c FILE] notify
  *
- * It reads the daemon's config for the listen address, TLS and the notify
- * token, so it runs as a user who may read the token (root or the daemon's
- * user). Exit status: 0 done, 1 the daemon did not answer or refused,
- * 2 usage, 78 a bad config. */
+ * It reads the daemon's config. When the control socket ([daemon]
+ * control_socket) is there it asks through it, with no token: the
+ * socket's mode and group admit root and the service group. Otherwise,
+ * or when the socket refuses the connection, it asks the notify listener
+ * with the notify token, as the Provider does. Exit status: 0 done, 1 the
+ * daemon did not answer or refused, 2 usage, 78 a bad config. */
 #include <arpa/inet.h>
 #include <curl/curl.h>
 #include <errno.h>
@@ -15,6 +17,7 @@
 #include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "config.h"
 #include "macro.h"
@@ -25,6 +28,8 @@
 #define CTL_EXIT_CONFIG  78
 #define CTL_RESPONSE_MAX (1024 * 1024)
 #define CTL_TIMEOUT_MS   5000L
+/* request(): the connection itself failed (nothing was sent). */
+#define CTL_NO_CONNECTION (-2)
 
 typedef struct Buffer {
         char *data;
@@ -33,14 +38,23 @@ typedef struct Buffer {
 } Buffer;
 
 typedef struct Target {
-        char url_base[128]; /* "https://127.0.0.1:8631" */
-        char display[80];   /* "127.0.0.1:8631" */
+        char url_base[192];    /* "https://127.0.0.1:8631" */
+        char display[160];     /* "127.0.0.1:8631", "control socket /run/..." */
+        const char *unix_path; /* the control socket; NULL: the notify listener */
 } Target;
+
+/* Where to ask: the control socket, the notify listener, or both in
+ * this order. */
+typedef struct Targets {
+        Target control, net;
+        bool has_control, has_net;
+} Targets;
 
 static void help(void) {
         printf("Usage: dsm-agent-syncctl [-c FILE] COMMAND\n"
                "\n"
-               "Asks the local dsm-agent-syncd through its notify listener.\n"
+               "Asks the local dsm-agent-syncd through its control socket, or its notify\n"
+               "listener (with the notify token) when there is no control socket.\n"
                "\n"
                "Commands:\n"
                "  status [--json]   show the daemon's state (--json: the status document)\n"
@@ -87,6 +101,19 @@ static int target_from_config(const Config *cfg, Target *ret) {
         return 0;
 }
 
+/* The control socket, when it is there (a user outside its group may
+ * not even see it: that user needs the notify token anyway). */
+static bool control_target(const Config *cfg, Target *ret) {
+        struct stat st;
+
+        if (!cfg->control_socket || stat(cfg->control_socket, &st) < 0 || !S_ISSOCK(st.st_mode))
+                return false;
+        *ret = (Target){.unix_path = cfg->control_socket};
+        (void) strscpy(ret->url_base, sizeof(ret->url_base), "http://localhost");
+        (void) snprintf(ret->display, sizeof(ret->display), "control socket %s", cfg->control_socket);
+        return true;
+}
+
 static size_t on_data(char *ptr, size_t size, size_t nmemb, void *userdata) {
         Buffer *b = userdata;
         size_t n = size * nmemb;
@@ -106,8 +133,9 @@ static size_t on_data(char *ptr, size_t size, size_t nmemb, void *userdata) {
         return n;
 }
 
-/* One request to the daemon. Returns the HTTP status, or -1 after
- * printing why the daemon did not answer. */
+/* One request to the daemon. Returns the HTTP status, or after printing
+ * why the daemon did not answer -1, or CTL_NO_CONNECTION when it could
+ * not even be reached (so nothing was sent). */
 static long request(const Config *cfg, const Target *t, const char *method, const char *path,
                     const char *body, Buffer *out) {
         char url[256], auth[1024], errbuf[CURL_ERROR_SIZE] = "";
@@ -117,8 +145,11 @@ static long request(const Config *cfg, const Target *t, const char *method, cons
         long status = -1, os_errno = 0;
 
         (void) snprintf(url, sizeof(url), "%s%s", t->url_base, path);
-        if (snprintf(auth, sizeof(auth), "Authorization: Bearer %s",
-                     cfg->notify_token ? cfg->notify_token : "") >= (int) sizeof(auth)) {
+        /* The control socket asks for no token: none leaves the tool. */
+        if (t->unix_path)
+                auth[0] = 0;
+        else if (snprintf(auth, sizeof(auth), "Authorization: Bearer %s",
+                          cfg->notify_token ? cfg->notify_token : "") >= (int) sizeof(auth)) {
                 fprintf(stderr, "dsm-agent-syncctl: the notify token is too long\n");
                 return -1;
         }
@@ -127,7 +158,8 @@ static long request(const Config *cfg, const Target *t, const char *method, cons
                 fprintf(stderr, "dsm-agent-syncctl: cannot initialize libcurl\n");
                 return -1;
         }
-        headers = curl_slist_append(headers, auth);
+        if (auth[0])
+                headers = curl_slist_append(headers, auth);
         if (body)
                 headers = curl_slist_append(headers, "Content-Type: application/json");
         explicit_bzero(auth, sizeof(auth));
@@ -144,7 +176,9 @@ static long request(const Config *cfg, const Target *t, const char *method, cons
         (void) curl_easy_setopt(c, CURLOPT_WRITEDATA, out);
         if (body)
                 (void) curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
-        if (cfg->tls_cert) {
+        if (t->unix_path)
+                (void) curl_easy_setopt(c, CURLOPT_UNIX_SOCKET_PATH, t->unix_path);
+        else if (cfg->tls_cert) {
                 /* The daemon's own certificate is the trust anchor (curl
                  * accepts a partial chain), so the peer is still verified.
                  * The host name is not: we connect to a loopback address,
@@ -160,12 +194,49 @@ static long request(const Config *cfg, const Target *t, const char *method, cons
                 (void) curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
         else {
                 (void) curl_easy_getinfo(c, CURLINFO_OS_ERRNO, &os_errno);
-                fprintf(stderr, "dsm-agent-syncd is not answering on %s: %s\n", t->display,
-                        os_errno > 0 ? strerror((int) os_errno)
-                                     : (errbuf[0] ? errbuf : curl_easy_strerror(rc)));
+                if (t->unix_path && (os_errno == EACCES || os_errno == EPERM))
+                        fprintf(stderr,
+                                "dsm-agent-syncctl: no permission to use the %s: %s (root and its group "
+                                "may)\n",
+                                t->display, strerror((int) os_errno));
+                else
+                        fprintf(stderr, "dsm-agent-syncd is not answering on %s: %s\n", t->display,
+                                os_errno > 0 ? strerror((int) os_errno)
+                                             : (errbuf[0] ? errbuf : curl_easy_strerror(rc)));
+                if (rc == CURLE_COULDNT_CONNECT)
+                        status = CTL_NO_CONNECTION;
         }
         curl_slist_free_all(headers);
         curl_easy_cleanup(c);
+        return status;
+}
+
+/* One request through the control socket when it is there, else (or
+ * when it cannot be reached) through the notify listener; *ret_used is
+ * the target asked last. Returns as request() does. */
+static long ask(const Config *cfg, const Targets *ts, const char *method, const char *path, const char *body,
+                Buffer *out, const Target **ret_used) {
+        long status;
+
+        if (ts->has_control) {
+                *ret_used = &ts->control;
+                status = request(cfg, &ts->control, method, path, body, out);
+                if (status != CTL_NO_CONNECTION)
+                        return status;
+                if (!ts->has_net) {
+                        fprintf(stderr, "dsm-agent-syncctl: [notify] listen is off: nothing else to try\n");
+                        return status;
+                }
+                fprintf(stderr, "dsm-agent-syncctl: trying the notify listener %s (with the notify token)\n",
+                        ts->net.display);
+        }
+        *ret_used = &ts->net;
+        status = request(cfg, &ts->net, method, path, body, out);
+        if (status < 0 && !ts->has_control && cfg->control_socket)
+                fprintf(stderr,
+                        "dsm-agent-syncctl: there is no control socket at %s either (is the daemon "
+                        "running?)\n",
+                        cfg->control_socket);
         return status;
 }
 
@@ -252,13 +323,14 @@ static void print_human(json_t *doc) {
         printf("Daemon:      %s\n", str(doc, "daemon_version"));
 }
 
-static int cmd_status(const Config *cfg, const Target *t, bool json_out) {
+static int cmd_status(const Config *cfg, const Targets *ts, bool json_out) {
+        const Target *t = NULL;
         Buffer b = {};
         json_t *doc;
         long status;
         int r = CTL_EXIT_FAIL;
 
-        status = request(cfg, t, "GET", "/v1/status", NULL, &b);
+        status = ask(cfg, ts, "GET", "/v1/status", NULL, &b, &t);
         if (status < 0)
                 goto out;
         if (status != 200) {
@@ -284,12 +356,13 @@ out:
         return r;
 }
 
-static int cmd_notify(const Config *cfg, const Target *t) {
+static int cmd_notify(const Config *cfg, const Targets *ts) {
+        const Target *t = NULL;
         Buffer b = {};
         long status;
         int r = CTL_EXIT_FAIL;
 
-        status = request(cfg, t, "POST", "/v1/notify", "{\"reason\":\"dsm-agent-syncctl\"}", &b);
+        status = ask(cfg, ts, "POST", "/v1/notify", "{\"reason\":\"dsm-agent-syncctl\"}", &b, &t);
         if (status == 202) {
                 printf("dsm-agent-syncd accepted the notify: a poll round starts now\n");
                 r = 0;
@@ -310,7 +383,7 @@ int main(int argc, char **argv) {
         char err[CONFIG_ERROR_MAX] = "";
         bool json_out = false;
         Config *cfg = NULL;
-        Target t;
+        Targets ts = {};
         int c, r;
 
         while ((c = getopt_long(argc, argv, "+c:h", opts, NULL)) >= 0)
@@ -347,21 +420,26 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "%s\n", err[0] ? err : path);
                 return CTL_EXIT_CONFIG;
         }
-        if (!cfg->notify_enabled) {
+        ts.has_control = control_target(cfg, &ts.control);
+        ts.has_net = cfg->notify_enabled;
+        if (!ts.has_control && !ts.has_net) {
                 fprintf(stderr,
-                        "dsm-agent-syncctl: [notify] listen is off in %s: the daemon cannot be asked\n",
-                        path);
+                        "dsm-agent-syncctl: [notify] listen is off in %s and there is no control "
+                        "socket%s%s: "
+                        "the daemon cannot be asked\n",
+                        path, cfg->control_socket ? " at " : "",
+                        cfg->control_socket ? cfg->control_socket : "");
                 config_free(cfg);
                 return CTL_EXIT_FAIL;
         }
-        if (target_from_config(cfg, &t) < 0) {
+        if (ts.has_net && target_from_config(cfg, &ts.net) < 0) {
                 fprintf(stderr, "dsm-agent-syncctl: unusable [notify] listen address in %s\n", path);
                 config_free(cfg);
                 return CTL_EXIT_CONFIG;
         }
 
         curl_global_init(CURL_GLOBAL_DEFAULT);
-        r = strcmp(cmd, "status") == 0 ? cmd_status(cfg, &t, json_out) : cmd_notify(cfg, &t);
+        r = strcmp(cmd, "status") == 0 ? cmd_status(cfg, &ts, json_out) : cmd_notify(cfg, &ts);
         curl_global_cleanup();
         config_free(cfg);
         return r;

@@ -455,7 +455,8 @@ static int manager_reload_notify(Manager *m, const Config *old_cfg, const Config
 static int manager_reload(Manager *m) {
         char err[CONFIG_ERROR_MAX];
         Config *new_cfg = NULL, *old_cfg = m->config;
-        bool state_moved = false;
+        ControlServer *control = NULL;
+        bool state_moved = false, control_moved = false;
         int r, new_lock = -1;
 
         (void) sd_notify(false, "RELOADING=1");
@@ -476,6 +477,14 @@ static int manager_reload(Manager *m) {
                                  "%s: [daemon] state_file %s cannot be locked (%.200s): %s", new_cfg->path,
                                  new_cfg->state_file, path, strerror(-r));
         }
+        /* A new control socket has another path: opened before the old one goes. */
+        if (r >= 0 && control_server_needs_restart(m->control, old_cfg, new_cfg)) {
+                control_moved = true;
+                r = control_server_new(m->event, new_cfg, &notify_callbacks, m, &control);
+                if (r < 0)
+                        snprintf(err, sizeof(err), "%s: [daemon] control_socket %s cannot be opened: %s",
+                                 new_cfg->path, new_cfg->control_socket, strerror(-r));
+        }
         if (r >= 0) {
                 r = manager_reload_notify(m, old_cfg, new_cfg);
                 if (r < 0)
@@ -487,6 +496,7 @@ static int manager_reload(Manager *m) {
                 log_struct(LOG_ERR, 0, MID_CONFIG_REJECTED, &(LogFields){.reason = err},
                            "Configuration rejected, keeping the old one: %s", err);
                 config_free(new_cfg);
+                control_server_free(control);
                 if (new_lock >= 0)
                         close(new_lock);
                 (void) sd_notify(false, "READY=1");
@@ -495,6 +505,10 @@ static int manager_reload(Manager *m) {
         if (state_moved) {
                 close(m->lock_fd);
                 m->lock_fd = new_lock;
+        }
+        if (control_moved) {
+                control_server_free(m->control);
+                m->control = control;
         }
 
         m->config = new_cfg;
@@ -644,6 +658,10 @@ static int manager_add_modules(Manager *m) {
                         return log_error_errno(r, "Cannot open the notify listener %s",
                                                m->config->notify_listen);
         }
+        /* Before READY=1 (manager_run): dsm-agent-syncctl may ask at once. */
+        r = control_server_new(m->event, m->config, &notify_callbacks, m, &m->control);
+        if (r < 0)
+                return log_error_errno(r, "Cannot open the control socket %s", m->config->control_socket);
         (void) updater_sweep(m->config);
         r = updater_new(m->event, m->config, &m->sync.state.update, &updater_callbacks, m, &m->updater);
         if (r < 0)
@@ -716,6 +734,7 @@ Manager *manager_free(Manager *m) {
         sd_event_source_disable_unref(m->round_deadline);
         updater_free(m->updater);
         notify_server_free(m->notify);
+        control_server_free(m->control);
         broker_free(m->broker);
         settings_writer_free(m->settings);
         poller_free(m->poller);

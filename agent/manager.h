@@ -13,6 +13,7 @@
 
 #include "broker.h"
 #include "config.h"
+#include "control.h"
 #include "gate.h"
 #include "notify.h"
 #include "poller.h"
@@ -49,6 +50,7 @@ typedef struct Manager {
         SettingsWriter *settings;
         Broker *broker;
         NotifyServer *notify;
+        ControlServer *control; /* the local control socket; NULL when off */
         Updater *updater;
 
         Sync sync;   /* the decisions: committed pair, rule verdict, update gate */

@@ -1,6 +1,8 @@
 /* The notify listener's connection limits: see notify-conn.h. */
+#include <arpa/inet.h>
 #include <linux/tcp.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,6 +29,32 @@ bool notify_peer_key(const struct sockaddr *sa, struct in6_addr *ret) {
                 return true;
         }
         return false;
+}
+
+void notify_peer_string(const struct sockaddr *sa, char *buf, size_t size) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *) sa;
+
+        buf[0] = 0;
+        if (!sa)
+                (void) strscpy(buf, size, "?");
+        else if (sa->sa_family == AF_INET)
+                (void) inet_ntop(AF_INET, &((const struct sockaddr_in *) sa)->sin_addr, buf, size);
+        else if (sa->sa_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr))
+                (void) inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], buf, size);
+        else if (sa->sa_family == AF_INET6)
+                (void) inet_ntop(AF_INET6, &in6->sin6_addr, buf, size);
+        else
+                (void) strscpy(buf, size, "?");
+}
+
+void notify_local_peer_string(int fd, char *buf, size_t size) {
+        struct ucred cred = {};
+        socklen_t len = sizeof(cred);
+
+        if (fd < 0 || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+                (void) strscpy(buf, size, "local peer");
+        else
+                (void) snprintf(buf, size, "local uid %u pid %ld", (unsigned) cred.uid, (long) cred.pid);
 }
 
 static void conn_unlink(NotifyConns *t, NotifyConn *c) {

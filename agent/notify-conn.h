@@ -34,6 +34,13 @@ typedef struct NotifyConns {
         bool tls;
 } NotifyConns;
 
+/* A peer for a log line: the address of sa ("?" when none), IPv4 also
+ * when v4-mapped. */
+void notify_peer_string(const struct sockaddr *sa, char *buf, size_t size);
+/* A control socket peer as the kernel vouches for it (SO_PEERCRED):
+ * "local uid U pid P". */
+void notify_local_peer_string(int fd, char *buf, size_t size);
+
 /* The address of sa as IPv6, IPv4 v4-mapped; false for other families. */
 bool notify_peer_key(const struct sockaddr *sa, struct in6_addr *ret);
 

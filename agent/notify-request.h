@@ -27,9 +27,13 @@ typedef struct NotifyRequest {
         const char *path;
         const char *authorization; /* the Authorization header; NULL when absent */
         const char *token;         /* the expected token; NULL or "": every token is wrong */
-        bool headers_only;         /* first stage: the body is not read yet */
-        uint64_t content_length;   /* announced; UINT64_MAX when unknown (chunked) */
-        const char *body;          /* not NUL-terminated; may be NULL when body_len is 0 */
+        /* The listener vouches for the peer (the control socket, whose file
+         * mode and group decide who may connect): no token is asked for,
+         * and auth_retry_after does not apply. Everything else does. */
+        bool trusted;
+        bool headers_only;       /* first stage: the body is not read yet */
+        uint64_t content_length; /* announced; UINT64_MAX when unknown (chunked) */
+        const char *body;        /* not NUL-terminated; may be NULL when body_len is 0 */
         size_t body_len;
         bool body_too_large; /* the reader stopped after NOTIFY_BODY_MAX bytes */
         /* Non-zero: failed authentications are over their rate limit, so a

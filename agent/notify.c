@@ -88,6 +88,9 @@ struct NotifyServer {
         struct MHD_Daemon *mhd;
         sd_event_source *io, *timer;
         bool activated; /* the listening socket came from systemd */
+        /* The control socket (AF_UNIX): its file's mode and group admit
+         * the peer, so no allow list and no token; the rest applies. */
+        bool local;
 
         NotifyCallbacks cb;
         void *userdata;
@@ -179,22 +182,6 @@ static bool bucket_take(NotifyServer *s, RateLimit *b, unsigned *ret_retry_after
 
 /* ---- connections ------------------------------------------------- */
 
-static void peer_string(const struct sockaddr *sa, char *buf, size_t size) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *) sa;
-
-        buf[0] = 0;
-        if (!sa)
-                (void) strscpy(buf, size, "?");
-        else if (sa->sa_family == AF_INET)
-                (void) inet_ntop(AF_INET, &((const struct sockaddr_in *) sa)->sin_addr, buf, size);
-        else if (sa->sa_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr))
-                (void) inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], buf, size);
-        else if (sa->sa_family == AF_INET6)
-                (void) inet_ntop(AF_INET6, &in6->sin6_addr, buf, size);
-        else
-                (void) strscpy(buf, size, "?");
-}
-
 static void on_connection(void *cls, struct MHD_Connection *connection, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe) {
         NotifyServer *s = cls;
@@ -207,6 +194,12 @@ static void on_connection(void *cls, struct MHD_Connection *connection, void **s
                         MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
                 int fd = ci ? ci->connect_fd : -1;
 
+                if (s->local) {
+                        char peer[PEER_MAX];
+
+                        notify_local_peer_string(fd, peer, sizeof(peer));
+                        log_debug("notify: control socket connection from %s", peer);
+                }
                 if (notify_test_connection_fd)
                         fd = notify_test_connection_fd(fd);
                 /* NULL (no memory): untracked, still bounded by MHD's limit. */
@@ -231,12 +224,16 @@ static enum MHD_Result on_accept(void *cls, const struct sockaddr *addr, socklen
         struct in6_addr key;
         const char *refused;
 
-        if (!addr || !cidr_list_contains(s->allow, s->n_allow, addr) || !notify_peer_key(addr, &key))
+        /* Local peers are one peer for the connection limits. */
+        if (s->local)
+                key = in6addr_any;
+        if (!s->local &&
+            (!addr || !cidr_list_contains(s->allow, s->n_allow, addr) || !notify_peer_key(addr, &key)))
                 refused = "peer not allowed";
         else
                 refused = notify_conns_admit(&s->conns, &key);
         if (refused) {
-                peer_string(addr, peer, sizeof(peer));
+                notify_peer_string(addr, peer, sizeof(peer));
                 log_rejected(s, LOG_NOTICE, peer, refused);
                 return MHD_NO;
         }
@@ -284,11 +281,15 @@ static char *take_body(NotifyReply *r) {
         return b;
 }
 
-static void connection_peer(struct MHD_Connection *connection, char *buf, size_t size) {
+static void connection_peer(NotifyServer *s, struct MHD_Connection *connection, char *buf, size_t size) {
         const union MHD_ConnectionInfo *ci =
-                MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+                MHD_get_connection_info(connection, s->local ? MHD_CONNECTION_INFO_CONNECTION_FD
+                                                             : MHD_CONNECTION_INFO_CLIENT_ADDRESS);
 
-        peer_string(ci ? ci->client_addr : NULL, buf, size);
+        if (s->local)
+                notify_local_peer_string(ci ? ci->connect_fd : -1, buf, size);
+        else
+                notify_peer_string(ci ? ci->client_addr : NULL, buf, size);
 }
 
 /* Answers what the pure logic decided alone (refusals, /healthz), logging
@@ -296,7 +297,7 @@ static void connection_peer(struct MHD_Connection *connection, char *buf, size_t
 static enum MHD_Result respond_plain(NotifyServer *s, struct MHD_Connection *connection, NotifyReply *r) {
         char peer[PEER_MAX];
 
-        connection_peer(connection, peer, sizeof(peer));
+        connection_peer(s, connection, peer, sizeof(peer));
         if (r->status == 401) {
                 /* Spends a token of the failure bucket; when that was
                  * the last, the next guesses get 429 unread. */
@@ -314,7 +315,7 @@ static enum MHD_Result respond_action(NotifyServer *s, struct MHD_Connection *co
         char peer[PEER_MAX];
         unsigned retry_after = 0;
 
-        connection_peer(connection, peer, sizeof(peer));
+        connection_peer(s, connection, peer, sizeof(peer));
         RateLimit *b = r->route == NOTIFY_ROUTE_STATUS ? &s->status_bucket : &s->notify_bucket;
         if (!bucket_take(s, b, &retry_after)) {
                 log_rejected(s, LOG_NOTICE, peer, "rate limited");
@@ -351,6 +352,7 @@ static void request_init(NotifyServer *s, struct MHD_Connection *connection, con
                 .authorization = MHD_lookup_connection_value(connection, MHD_HEADER_KIND,
                                                              MHD_HTTP_HEADER_AUTHORIZATION),
                 .token = s->token,
+                .trusted = s->local,
                 .content_length = UINT64_MAX,
         };
         if (cl) {
@@ -380,7 +382,7 @@ static enum MHD_Result request_begin(NotifyServer *s, struct MHD_Connection *con
 
         request_init(s, connection, url, method, &req);
         req.headers_only = true;
-        connection_peer(connection, peer, sizeof(peer));
+        connection_peer(s, connection, peer, sizeof(peer));
         req.auth_retry_after = bucket_wait(s, ratelimit_table_get(&s->auth_fail, peer, loop_now_usec(s)));
         notify_handle_request(&req, &r);
         if (r.status == 0)
@@ -636,10 +638,52 @@ static int copy_settings(NotifyServer *s, const Config *cfg) {
         return 0;
 }
 
+static NotifyServer *server_alloc(sd_event *e, const NotifyCallbacks *cb, void *userdata) {
+        NotifyServer *s = calloc(1, sizeof(*s));
+
+        if (!s)
+                return NULL;
+        s->event = sd_event_ref(e);
+        s->cb = cb ? *cb : (NotifyCallbacks){};
+        s->userdata = userdata;
+        s->notify_bucket = s->status_bucket =
+                ratelimit_init(NOTIFY_RATE_BURST, NOTIFY_RATE_PER_SEC, loop_now_usec(s));
+        s->auth_fail = ratelimit_table_init(NOTIFY_AUTH_FAIL_BURST, NOTIFY_AUTH_FAIL_PER_SEC);
+        s->log_rejected = s->log_accepted = ratelog_init(LOG_WINDOW_USEC, LOG_WINDOW_LINES);
+        return s;
+}
+
+/* Serves the listening socket fd on the loop. On failure fd is closed,
+ * unless it is systemd's. */
+static int server_attach(NotifyServer *s, int fd, bool tls) {
+        int epfd, r;
+
+        epfd = r = start_mhd(s, fd, tls);
+        if (r < 0) {
+                if (!s->activated && !s->mhd)
+                        close(fd);
+                return r;
+        }
+        r = sd_event_add_io(s->event, &s->io, epfd, EPOLLIN, on_io, s);
+        if (r >= 0)
+                r = sd_event_add_time(s->event, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY,
+                                      NOTIFY_TIMER_ACCURACY_USEC, on_timer, s);
+        if (r >= 0)
+                r = sd_event_source_set_priority(s->io, SD_EVENT_PRIORITY_IDLE - 10);
+        if (r >= 0)
+                r = sd_event_source_set_priority(s->timer, SD_EVENT_PRIORITY_IDLE - 10);
+        if (r < 0)
+                return log_error_errno(r, "notify: cannot add to the event loop");
+        (void) sd_event_source_set_description(s->io, s->local ? "control-io" : "notify-io");
+        (void) sd_event_source_set_description(s->timer, s->local ? "control-timer" : "notify-timer");
+        notify_rearm(s);
+        return 0;
+}
+
 int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb, void *userdata,
                       NotifyServer **ret) {
         NotifyServer *s;
-        int fd = -1, epfd, r, tls;
+        int fd = -1, r, tls;
 
         r = activated_socket(&fd);
         if (r < 0)
@@ -649,17 +693,10 @@ int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb,
                 return 0;
         }
 
-        s = calloc(1, sizeof(*s));
+        s = server_alloc(e, cb, userdata);
         if (!s)
                 return log_error_errno(-ENOMEM, "notify: out of memory");
-        s->event = sd_event_ref(e);
-        s->cb = cb ? *cb : (NotifyCallbacks){};
-        s->userdata = userdata;
         s->activated = r > 0;
-        s->notify_bucket = s->status_bucket =
-                ratelimit_init(NOTIFY_RATE_BURST, NOTIFY_RATE_PER_SEC, loop_now_usec(s));
-        s->auth_fail = ratelimit_table_init(NOTIFY_AUTH_FAIL_BURST, NOTIFY_AUTH_FAIL_PER_SEC);
-        s->log_rejected = s->log_accepted = ratelog_init(LOG_WINDOW_USEC, LOG_WINDOW_LINES);
 
         r = copy_settings(s, cfg);
         if (r < 0)
@@ -673,28 +710,9 @@ int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb,
                 if (r < 0)
                         goto fail;
         }
-        epfd = r = start_mhd(s, fd, tls > 0);
-        if (r < 0) {
-                if (!s->activated && !s->mhd)
-                        close(fd);
+        r = server_attach(s, fd, tls > 0);
+        if (r < 0)
                 goto fail;
-        }
-
-        r = sd_event_add_io(e, &s->io, epfd, EPOLLIN, on_io, s);
-        if (r >= 0)
-                r = sd_event_add_time(e, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY,
-                                      NOTIFY_TIMER_ACCURACY_USEC, on_timer, s);
-        if (r >= 0)
-                r = sd_event_source_set_priority(s->io, SD_EVENT_PRIORITY_IDLE - 10);
-        if (r >= 0)
-                r = sd_event_source_set_priority(s->timer, SD_EVENT_PRIORITY_IDLE - 10);
-        if (r < 0) {
-                log_error_errno(r, "notify: cannot add to the event loop");
-                goto fail;
-        }
-        (void) sd_event_source_set_description(s->io, "notify-io");
-        (void) sd_event_source_set_description(s->timer, "notify-timer");
-        notify_rearm(s);
 
         log_info("notify: listening on %s%s",
                  s->activated ? "the socket passed by systemd" : cfg->notify_listen,
@@ -704,6 +722,25 @@ int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb,
 fail:
         notify_server_free(s);
         return r;
+}
+
+int notify_server_new_local(sd_event *e, int fd, const NotifyCallbacks *cb, void *userdata,
+                            NotifyServer **ret) {
+        NotifyServer *s = server_alloc(e, cb, userdata);
+        int r;
+
+        if (!s) {
+                close(fd);
+                return log_error_errno(-ENOMEM, "notify: out of memory");
+        }
+        s->local = true;
+        r = server_attach(s, fd, false);
+        if (r < 0) {
+                notify_server_free(s);
+                return r;
+        }
+        *ret = s;
+        return 0;
 }
 
 NotifyServer *notify_server_free(NotifyServer *s) {

@@ -32,6 +32,13 @@ typedef struct NotifyCallbacks {
  * same address (a restart after notify_server_needs_restart()). */
 int notify_server_new(sd_event *e, const Config *cfg, const NotifyCallbacks *cb, void *userdata,
                       NotifyServer **ret);
+/* Serves the same routes on fd, a listening AF_UNIX socket the caller
+ * made (control.h), taking it over (closed on failure too). Its peers are
+ * trusted: no token and no allow list; the body cap, the connection
+ * limits (all local peers count as one), the timeouts and the request
+ * rate limits apply, with buckets of its own. */
+int notify_server_new_local(sd_event *e, int fd, const NotifyCallbacks *cb, void *userdata,
+                            NotifyServer **ret);
 NotifyServer *notify_server_free(NotifyServer *s);
 
 /* True when the listener must be reopened for the new config: listen

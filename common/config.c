@@ -13,6 +13,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <sys/un.h>
 
 #include "config.h"
 #include "macro.h"
@@ -42,6 +43,7 @@ typedef enum KeyType {
         KEY_WINDOW,
         KEY_LOG_LEVEL,
         KEY_LOG_TARGET,
+        KEY_SOCKET, /* a Unix socket path, or "off" */
 } KeyType;
 
 typedef struct KeyDef {
@@ -89,6 +91,7 @@ static const KeyDef keys[] = {
         {"daemon", "state_file", KEY_PATH, F(state_file), 0},
         {"daemon", "log_level", KEY_LOG_LEVEL, F(log_level), 0},
         {"daemon", "log_target", KEY_LOG_TARGET, F(log_target), 0},
+        {"daemon", "control_socket", KEY_SOCKET, F(control_socket), 0},
 };
 
 static const char *const sections[] = {"provider", "broker", "notify", "update", "daemon"};
@@ -334,6 +337,23 @@ static int parse_listen(Parser *p, const char *value) {
         return set_string(p, &c->notify_listen, value);
 }
 
+static int parse_socket_key(Parser *p, const KeyDef *k, const char *value) {
+        char **dst = field(p->c, k->offset);
+        int r;
+
+        if (strcmp(value, "off") == 0)
+                return set_string(p, dst, NULL);
+        r = parse_socket_path(value);
+        if (r == -ENAMETOOLONG)
+                return fail(p, p->line, -EINVAL,
+                            "%s: '%.80s' is longer than %zu bytes (the limit of a Unix socket path)",
+                            k->name, value, sizeof(((struct sockaddr_un *) NULL)->sun_path) - 1);
+        if (r < 0)
+                return fail(p, p->line, -EINVAL, "%s: '%.80s' is not \"off\" or an absolute file path",
+                            k->name, value);
+        return set_string(p, dst, value);
+}
+
 static int parse_secret_key(Parser *p, const KeyDef *k, const char *value) {
         char **path = field(p->c, k->offset), **secret = field(p->c, k->offset2);
         char *s = NULL;
@@ -516,6 +536,8 @@ static int parse_key(Parser *p, const KeyDef *k, const char *value) {
                 return for_each_item(p, k->name, value, add_allow);
         case KEY_WINDOW:
                 return parse_window_key(p, value);
+        case KEY_SOCKET:
+                return parse_socket_key(p, k, value);
         default:
                 return parse_scalar_key(p, k, value);
         }
@@ -628,7 +650,8 @@ static int set_defaults(Config *c) {
             !(c->notify_listen = strdup("0.0.0.0:8631")) ||
             !(c->agent_version_file = strdup("/etc/dsm-agent/VERSION")) ||
             !(c->download_dir = strdup("/var/lib/dsm-agent-sync/updates")) ||
-            !(c->state_file = strdup("/var/lib/dsm-agent-sync/state.json")))
+            !(c->state_file = strdup("/var/lib/dsm-agent-sync/state.json")) ||
+            !(c->control_socket = strdup(CONFIG_DEFAULT_CONTROL_SOCKET)))
                 return -ENOMEM;
         return parse_argv(DEFAULT_UPDATE_COMMAND, &c->update_command_argv);
 }
@@ -763,6 +786,7 @@ Config *config_free(Config *c) {
         free(c->download_dir);
         strv_free(c->update_command_argv);
         free(c->state_file);
+        free(c->control_socket);
         free(c);
         return NULL;
 }

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 
 #include "config.h"
 #include "macro.h"
@@ -288,6 +289,20 @@ int parse_bool(const char *s) {
                         return 0;
         }
         return -EINVAL;
+}
+
+int parse_socket_path(const char *s) {
+        size_t n = s ? strlen(s) : 0;
+
+        if (n == 0 || s[0] != '/' || s[n - 1] == '/')
+                return -EINVAL;
+        for (size_t i = 0; i < n; i++)
+                if (isspace((unsigned char) s[i]) || iscntrl((unsigned char) s[i]))
+                        return -EINVAL;
+        /* The kernel wants the path and its NUL in sun_path. */
+        if (n >= sizeof(((struct sockaddr_un *) NULL)->sun_path))
+                return -ENAMETOOLONG;
+        return 0;
 }
 
 /* "HH:MM" into minutes after midnight. */

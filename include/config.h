@@ -10,12 +10,15 @@
 
 #include "log.h"
 
-#define CONFIG_DEFAULT_PATH  "/etc/dsm-agent-sync/agent-sync.ini"
-#define CONFIG_MAX_ENDPOINTS 16
-#define CONFIG_MAX_ALLOW     32
-#define CONFIG_MAX_ARGV      32
-#define CONFIG_ERROR_MAX     512
-#define CONFIG_MAX_SECRET    4096 /* a token or password file, bytes */
+#define CONFIG_DEFAULT_PATH "/etc/dsm-agent-sync/agent-sync.ini"
+/* The local control socket ([daemon] control_socket); /run/dsm-agent-sync
+ * is the unit's RuntimeDirectory. */
+#define CONFIG_DEFAULT_CONTROL_SOCKET "/run/dsm-agent-sync/control.sock"
+#define CONFIG_MAX_ENDPOINTS          16
+#define CONFIG_MAX_ALLOW              32
+#define CONFIG_MAX_ARGV               32
+#define CONFIG_ERROR_MAX              512
+#define CONFIG_MAX_SECRET             4096 /* a token or password file, bytes */
 
 typedef uint64_t usec_t;
 
@@ -83,6 +86,7 @@ typedef struct Config {
         char *state_file; /* default /var/lib/dsm-agent-sync/state.json */
         int log_level;    /* syslog priority, default LOG_INFO */
         LogTarget log_target;
+        char *control_socket; /* default CONFIG_DEFAULT_CONTROL_SOCKET; NULL when off */
 } Config;
 
 /* Parses and validates FILE. On success *ret owns a new Config and 0 is
@@ -118,6 +122,10 @@ int parse_argv(const char *s, char ***ret);
 int parse_bool(const char *s);
 /* An octal mode up to 07777 ("640", "0640"). */
 int parse_mode(const char *s, mode_t *ret);
+/* A path a Unix socket can be bound to: absolute, no whitespace or
+ * control characters, not ending in '/'; -ENAMETOOLONG when it does not
+ * fit a sockaddr_un (107 bytes), -EINVAL otherwise. */
+int parse_socket_path(const char *s);
 /* "HH:MM-HH:MM" into minutes after midnight (start may equal end here). */
 int parse_window(const char *s, unsigned *ret_start, unsigned *ret_end);
 /* The first line of a regular file, trailing whitespace cut: -ENODATA when

@@ -1,7 +1,8 @@
 /* libFuzzer target for the notify request logic (notify_handle_request):
  * routing, methods, the token check and the body validation, with no
- * socket. Input: byte 0 picks the method, byte 1 the path, byte 2 flags;
- * then the Authorization header up to the first '\n', then the body.
+ * socket. Input: byte 0 picks the method, byte 1 the path, byte 2 flags
+ * (among them a trusted peer and a failed-login backoff); then the
+ * Authorization header up to the first '\n', then the body.
  *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Iinclude -Iagent -D_GNU_SOURCE \
  *         tests/fuzz/fuzz_notify.c agent/notify-request.c common/provider.c \
@@ -38,6 +39,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         req.body_too_large = data[2] & 2;
         req.content_length = (data[2] & 4) ? UINT64_MAX : size;
         req.token = (data[2] & 8) ? NULL : "s3cret";
+        req.trusted = data[2] & 16;
+        req.auth_retry_after = (data[2] & 32) ? 3 : 0;
         data += 3;
         size -= 3;
 

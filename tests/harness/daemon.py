@@ -181,6 +181,11 @@ class Daemon:
                 "state_file": self.state_file,
                 "log_level": "debug",
                 "log_target": "stderr",
+                # Off unless a test asks for it: the tests of the notify
+                # listener must reach it, and the default path is the
+                # machine's. tests/integration/test_control_socket.py
+                # turns it on with a path of its own.
+                "control_socket": "off",
             },
         }
 

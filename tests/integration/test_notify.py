@@ -108,8 +108,10 @@ def write_config(tmp_path, listen, allow=None, tls=None):
         lines.append(f"allow = {allow}")
     if tls:
         lines += [f"tls_cert = {tls[0]}", f"tls_key = {tls[1]}"]
+    # control_socket = off: dsm-agent-syncctl must ask this listener, not a
+    # control socket the machine may have at the default path.
     lines += ["", "[daemon]", f"state_file = {tmp_path / 'state.json'}", "log_level = info",
-              "log_target = stderr", ""]
+              "log_target = stderr", "control_socket = off", ""]
     path = tmp_path / "agent-sync.ini"
     path.write_text("\n".join(lines))
     return path

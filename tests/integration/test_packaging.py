@@ -119,6 +119,21 @@ def test_service_contract():
     assert settings[("[Path]", "PathChanged")] == ["/etc/dsm-agent/rabbitmq.ini"]
 
 
+def test_service_makes_the_control_socket_directory():
+    """The control socket's default directory is the unit's RuntimeDirectory,
+    which the service group may enter (the socket itself is 0660)."""
+    s = _service("dsm-agent-syncd.service")
+    S = "[Service]"
+    assert s[(S, "RuntimeDirectory")] == ["dsm-agent-sync"]
+    assert s[(S, "RuntimeDirectoryMode")] == ["0750"]
+    assert s[(S, "Group")] == ["dsm-agent-sync"]
+    conf = (TOP / "conf/agent-sync.ini").read_text()
+    m = re.search(r"^control_socket\s*=\s*(\S+)\s*$", conf, re.M)
+    assert m and m.group(1) == "/run/dsm-agent-sync/control.sock", "shipped control_socket"
+    header = (TOP / "include/config.h").read_text()
+    assert '"/run/dsm-agent-sync/control.sock"' in header
+
+
 def exposure_score():
     r = run(["systemd-analyze", "security", "--offline=true", "--no-pager",
              str(UNIT_DIR / "dsm-agent-syncd.service")])
@@ -774,6 +789,8 @@ def test_deb_conffile_is_safe(deb_root):
     assert re.search(r"^on_change\s*=\s*$", conf, re.M), "packaged on_change must be empty"
     assert re.search(r"^command\s*=\s*/usr/lib/dsm-agent-sync/apply-update\s*$", conf, re.M)
     assert not re.search(r"^(token|password)\s*=", conf, re.M)
+    # dsm-agent-syncctl works out of the box, with no token: the control socket.
+    assert re.search(r"^control_socket\s*=\s*/run/dsm-agent-sync/control.sock\s*$", conf, re.M)
 
 
 def test_deb_binaries_check_the_example_config(deb_root):

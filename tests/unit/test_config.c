@@ -168,6 +168,9 @@ static const KeyCase good_keys[] = {
         {"daemon", "log_level", "err", NULL},
         {"daemon", "log_target", "journal", NULL},
         {"daemon", "log_target", "stderr", NULL},
+        {"daemon", "control_socket", "off", NULL},
+        {"daemon", "control_socket", "/run/x/control.sock", NULL},
+        {"daemon", "control_socket", "/tmp/c", NULL},
 };
 
 static void test_good_keys(void **state) {
@@ -274,6 +277,15 @@ static const KeyCase bad_keys[] = {
         {"daemon", "log_level", "error", "debug, info, notice, warning, err"},
         {"daemon", "log_level", "crit", "debug, info, notice, warning, err"},
         {"daemon", "log_target", "syslog", "auto, journal"},
+        {"daemon", "control_socket", "", "absolute"},
+        {"daemon", "control_socket", "run/control.sock", "absolute"},
+        {"daemon", "control_socket", "/run/x/", "absolute"},
+        {"daemon", "control_socket", "/run/x y", "absolute"},
+        {"daemon", "control_socket", "Off", "absolute"},
+        {"daemon", "control_socket",
+         "/run/dsm-agent-sync/a-directory-name-long-enough-to-exceed-the-limit/of-the-path-of-a-unix-socket/"
+         "control.sock",
+         "longer than 107 bytes"},
         {"daemon", "bogus", "1", "unknown key"},
 };
 
@@ -449,7 +461,39 @@ static void test_defaults(void **state) {
         assert_string_equal(c->state_file, "/var/lib/dsm-agent-sync/state.json");
         assert_int_equal(c->log_level, LOG_INFO);
         assert_int_equal(c->log_target, LOG_TARGET_AUTO);
+        assert_string_equal(c->control_socket, "/run/dsm-agent-sync/control.sock");
         config_free(c);
+}
+
+/* [daemon] control_socket: "off" is NULL, a path is kept as written, and
+ * a path exactly at the sockaddr_un limit is still accepted. */
+static void test_control_socket(void **state) {
+        char path[sizeof(((struct sockaddr_un *) NULL)->sun_path) + 1], text[512];
+        Config *c = NULL;
+
+        (void) state;
+        assert_int_equal(
+                load("[provider]\nload_balancer = https://lb\n[daemon]\ncontrol_socket = off\n", &c), 0);
+        assert_null(c->control_socket);
+        config_free(c);
+
+        memset(path, 'a', sizeof(path) - 1);
+        path[0] = '/';
+        path[sizeof(path) - 2] = 0; /* 107 bytes */
+        snprintf(text, sizeof(text),
+                 "[provider]\nload_balancer = https://lb\n[daemon]\ncontrol_socket = %s\n", path);
+        assert_int_equal(load(text, &c), 0);
+        assert_string_equal(c->control_socket, path);
+        config_free(c);
+
+        assert_int_equal(parse_socket_path(path), 0);
+        path[sizeof(path) - 2] = 'a'; /* 108 bytes: no room for the NUL */
+        path[sizeof(path) - 1] = 0;
+        assert_int_equal(parse_socket_path(path), -ENAMETOOLONG);
+        assert_int_equal(parse_socket_path(NULL), -EINVAL);
+        assert_int_equal(parse_socket_path("/"), -EINVAL);
+        assert_int_equal(parse_socket_path("/a\tb"), -EINVAL);
+        assert_int_equal(parse_socket_path("/a/b"), 0);
 }
 
 /* ---- whole-file errors ---- */
@@ -1014,6 +1058,7 @@ static void test_shipped_config(void **state) {
         assert_null(c->on_change_argv); /* the packaged service restarts the agent by a path unit */
         assert_int_equal(c->settings_mode, 0640);
         assert_int_equal(c->log_level, LOG_INFO);
+        assert_string_equal(c->control_socket, CONFIG_DEFAULT_CONTROL_SOCKET);
         config_free(c);
 }
 
@@ -1030,6 +1075,7 @@ int main(void) {
                 cmocka_unit_test(test_long_lines),
                 cmocka_unit_test(test_values),
                 cmocka_unit_test(test_defaults),
+                cmocka_unit_test(test_control_socket),
                 cmocka_unit_test(test_bad_files),
                 cmocka_unit_test(test_unreadable_and_huge),
                 cmocka_unit_test(test_secrets),
