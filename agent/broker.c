@@ -192,12 +192,17 @@ static void broker_schedule_retry(Broker *b) {
 static void broker_attempt_failed(Broker *b, const char *reason) {
         const BrokerInfo *t = &b->params.target;
 
-        if (!b->loss_logged) {
+        /* A refused login is the Agent's configuration, not the network. */
+        if (!b->loss_logged && strstr(reason, "ACCESS_REFUSED"))
+                log_struct(LOG_WARNING, 0, MID_BROKER_LOST, &(LogFields){.reason = reason},
+                           "broker %s:%u refused the login (%s): check [broker] username and password_file",
+                           t->host, t->port, reason);
+        else if (!b->loss_logged)
                 log_struct(LOG_WARNING, 0, MID_BROKER_LOST, &(LogFields){.reason = reason},
                            "broker %s:%u unreachable: %s", t->host, t->port, reason);
-                b->loss_logged = true;
-        } else
+        else
                 log_debug("broker %s:%u still unreachable: %s", t->host, t->port, reason);
+        b->loss_logged = true;
         broker_schedule_retry(b);
         broker_set_state(b, BROKER_DOWN, reason);
 }

@@ -292,6 +292,44 @@ static void print_nodes(json_t *doc) {
         }
 }
 
+/* What a support engineer does about a reason or warning the daemon
+ * reports, for the first screen of `status`: the cause is the daemon's own
+ * words, the hint points at the fix (docs/operations.md has the runbook). */
+static const char *hint_for(const char *text) {
+        static const struct {
+                const char *match, *hint;
+                bool anywhere; /* match inside the text, not only at its start */
+        } hints[] = {
+                {"version_skew:",
+                 "applied once every Provider node runs the offered version: finish the "
+                 "Provider update",
+                 false},
+                {"node_unreachable:", "applied once every Provider node answers at its own api_url", false},
+                {"outside_window:", "applied inside [update] window", false},
+                {"settling:", "applied after [update] stable_rounds rounds in agreement", false},
+                {"stale primary",
+                 "ignored by this Agent; Provider operators should demote or resynchronize "
+                 "that node",
+                 false},
+                {"primary conflict", "nothing is followed until the Provider operators resolve it", false},
+                {"cluster size", "check the Provider's HA cluster (3 or 4 nodes)", false},
+                {"ACCESS_REFUSED", "check [broker] username and password_file", true},
+        };
+
+        for (size_t i = 0; text && i < ELEMENTSOF(hints); i++)
+                if (hints[i].anywhere ? strstr(text, hints[i].match) != NULL
+                                      : strncmp(text, hints[i].match, strlen(hints[i].match)) == 0)
+                        return hints[i].hint;
+        return NULL;
+}
+
+static void print_hint(const char *text) {
+        const char *hint = hint_for(text);
+
+        if (hint)
+                printf("    -> %s\n", hint);
+}
+
 static void print_human(json_t *doc) {
         json_t *p = json_object_get(doc, "primary"), *b = json_object_get(p, "broker");
         json_t *u = json_object_get(doc, "update"), *w = json_object_get(doc, "warnings"), *v;
@@ -309,16 +347,25 @@ static void print_human(json_t *doc) {
                        str(doc, "broker_connection"));
         else
                 printf("Broker:      %s\n", str(doc, "broker_connection"));
+        if (json_is_string(json_object_get(doc, "broker_error"))) {
+                printf("  last error: %s\n", str(doc, "broker_error"));
+                print_hint(str(doc, "broker_error"));
+        }
         printf("Last poll:   %s\n", str(doc, "last_poll"));
         printf("Last change: %s\n", str(doc, "last_change"));
         print_nodes(doc);
         printf("Warnings:%s\n", json_array_size(w) ? "" : "    none");
-        json_array_foreach(w, i, v) printf("  %s\n", json_string_value(v) ? json_string_value(v) : "?");
+        json_array_foreach(w, i, v) {
+                printf("  %s\n", json_string_value(v) ? json_string_value(v) : "?");
+                print_hint(json_string_value(v));
+        }
         printf("Update:      %s%s%s%s, target %s, installed %s\n", str(u, "state"),
                json_is_string(json_object_get(u, "reason")) ? " (" : "",
                json_is_string(json_object_get(u, "reason")) ? str(u, "reason") : "",
                json_is_string(json_object_get(u, "reason")) ? ")" : "", str(u, "target"),
                str(u, "installed"));
+        if (json_is_string(json_object_get(u, "reason")))
+                print_hint(str(u, "reason"));
         print_counters(doc);
         printf("Daemon:      %s\n", str(doc, "daemon_version"));
 }

@@ -147,7 +147,8 @@ void manager_log_rule(Manager *m, const RuleResult *prev, const RuleResult *res)
                         continue;
                 log_struct(LOG_WARNING, 0, MID_STALE_PRIMARY,
                            &(LogFields){.epoch = s->epoch, .node_id = s->node_id, .reason = "stale_primary"},
-                           "Ignoring stale primary %s: it claims epoch %" PRIu64 ", committed is %" PRIu64,
+                           "Ignoring stale primary %s: it claims epoch %" PRIu64 ", committed is %" PRIu64
+                           "; Provider operators should demote or resynchronize it",
                            s->node_id, s->epoch,
                            res->verdict == RULE_COMMIT ? res->next.epoch : m->sync.state.committed.epoch);
         }

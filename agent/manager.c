@@ -367,6 +367,10 @@ static void on_broker_state(Broker *b, BrokerConnState state, const char *reason
         Manager *m = userdata;
 
         m->broker_lost = state == BROKER_DOWN ? true : state == BROKER_CONNECTED ? false : m->broker_lost;
+        if (state == BROKER_DOWN && reason)
+                strscpy(m->broker_error, sizeof(m->broker_error), reason);
+        else if (state == BROKER_CONNECTED)
+                m->broker_error[0] = 0;
         if (state == BROKER_DOWN) {
                 /* Lost: poll at once (spread by hint_spread when set), then
                  * the fast-poll backoff (contract 4). */

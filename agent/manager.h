@@ -67,6 +67,7 @@ typedef struct Manager {
         sd_event_source *round_deadline; /* a round that never ends is cut off */
         uint64_t fast_delay_usec;        /* current fast-poll delay, 0 when steady */
         bool broker_lost;                /* the connection failed (not: is being set up) */
+        char broker_error[256];          /* why it failed, "" while up or never failed */
 
         /* What the rounds showed, for logs and the status document. */
         RuleStale logged_stale[16];                 /* ring: stale primaries already logged */

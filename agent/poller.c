@@ -236,7 +236,10 @@ static void target_finish(PollTarget *t, CURLcode code) {
                 a->ok = true;
                 a->outcome = POLL_NOT_MODIFIED;
         } else if (status != 200)
-                answer_fail(a, "HTTP %ld", status);
+                answer_fail(a, "HTTP %ld%s", status,
+                            status == 401 || status == 403
+                                    ? ": the Provider refused the token (check [provider] token_file)"
+                                    : "");
         else
                 answer_parse(t, a);
         if (a->ok) {

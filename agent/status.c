@@ -183,12 +183,12 @@ json_t *manager_status_json(Manager *m) {
                 return NULL;
         /* json_pack steals the "o" references, also on failure. */
         return json_pack(
-                "{s:s, s:I, s:o, s:s, s:o, s:o, s:o*, s:o*, s:o*, s:{s:I, s:I, s:I, s:I}}", "daemon_version",
-                DAEMON_VERSION, "epoch", (json_int_t) m->sync.state.committed.epoch, "primary",
-                primary_json(&m->sync.state.committed), "broker_connection", broker_connection(m),
-                "last_poll", rfc3339_or_null(m->last_poll_usec), "last_change",
-                rfc3339_or_null(m->sync.last_change_usec), "nodes", nodes_json(m), "warnings",
-                warnings_json(m), "update", update_json(m), "counters", "polls",
-                (json_int_t) m->counters.polls, "events", (json_int_t) m->counters.events, "notifies",
-                (json_int_t) m->counters.notifies, "changes", (json_int_t) m->sync.changes);
+                "{s:s, s:I, s:o, s:s, s:o, s:o, s:o, s:o*, s:o*, s:o*, s:{s:I, s:I, s:I, s:I}}",
+                "daemon_version", DAEMON_VERSION, "epoch", (json_int_t) m->sync.state.committed.epoch,
+                "primary", primary_json(&m->sync.state.committed), "broker_connection", broker_connection(m),
+                "broker_error", string_or_null(m->broker_error[0] ? m->broker_error : NULL), "last_poll",
+                rfc3339_or_null(m->last_poll_usec), "last_change", rfc3339_or_null(m->sync.last_change_usec),
+                "nodes", nodes_json(m), "warnings", warnings_json(m), "update", update_json(m), "counters",
+                "polls", (json_int_t) m->counters.polls, "events", (json_int_t) m->counters.events,
+                "notifies", (json_int_t) m->counters.notifies, "changes", (json_int_t) m->sync.changes);
 }

@@ -253,8 +253,12 @@ static void sync_gate_now(Sync *s) {
                 log_struct(LOG_INFO, 0, MID_UPDATE_HELD,
                            &(LogFields){.version = s->have_offer ? s->offer.version : NULL,
                                         .reason = res.reason},
-                           "Agent update %s %s: %s", s->have_offer ? s->offer.version : "",
-                           gate_state_to_string(res.state), res.reason);
+                           "Agent update %s %s: %s%s", s->have_offer ? s->offer.version : "",
+                           gate_state_to_string(res.state), res.reason,
+                           strncmp(res.reason, "version_skew:", 13) == 0
+                                   ? " (applied once every Provider node runs the same version: finish the "
+                                     "Provider update)"
+                                   : "");
         s->gate = res;
 }
 

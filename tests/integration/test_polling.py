@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+from harness import util  # noqa: E402
 from harness.rounds import expected_settings, mid_lines, poll_now, polls, wait_polls
 
 MID_COMMITTED = "ded36cf01a5547829b18395ff8df2196"
@@ -243,12 +244,18 @@ def test_stale_primary_is_ignored_and_warned_once(sim_nobroker, daemon_factory):
 
 
 def test_conflict_commits_nothing(sim_nobroker, daemon_factory):
-    """p2 is promoted to epoch 2 and p3 also claims primary at epoch 2."""
+    """p2 is promoted to epoch 2 and p3 also claims primary at epoch 2. p2
+    answers last (slowed), so the rival claim is in hand when p2 confirms
+    itself: rule 7 commits early only with no dissent among the answers in
+    hand, and the whole round is a conflict (rule 4). (A rival that answers
+    after an early commit is judged when it arrives:
+    test_rival_after_early_commit_is_judged_when_it_arrives.)"""
     s = sim_nobroker
     d = daemon_factory(s, QUIET)
     settled(d)
     before_text = d.settings_text()
     mark = d.log_mark()
+    s.slow("p2", 0.5)
     s.promote("p2", event=False)
     s.conflict("p3")
     poll_now(d, 4)
@@ -262,6 +269,27 @@ def test_conflict_commits_nothing(sim_nobroker, daemon_factory):
     assert doc["epoch"] == 1 and doc["primary"]["id"] == "p1"
     assert any("conflict" in w for w in doc["warnings"]), doc["warnings"]
     assert len(mid_lines(d, MID_COMMITTED)) == 1
+
+
+def test_rival_after_early_commit_is_judged_when_it_arrives(sim_nobroker, daemon_factory):
+    """Rule 7: p2 confirmed itself and p1 (a majority with p2) follows it, so
+    the round commits p2 at epoch 2 before p3 answers; p3, slowed, then
+    claims primary at epoch 2 too. The late answer is judged when it
+    arrives: a conflict logged and shown, and no move back or further."""
+    s = sim_nobroker
+    d = daemon_factory(s, QUIET)
+    settled(d)
+    mark = d.log_mark()
+    s.slow("p3", 1.0)
+    s.promote("p2", event=False)
+    s.conflict("p3")
+    poll_now(d, 2)
+    d.wait_for_primary("p2", 2, timeout=10)
+    util.wait_until(lambda: len(mid_lines(d, MID_CONFLICT, mark)) >= 1, 10, what="the conflict logged")
+    code, doc = d.status()
+    assert doc["epoch"] == 2 and doc["primary"]["id"] == "p2", doc
+    assert any("conflict" in w for w in doc["warnings"]), doc["warnings"]
+    assert len(mid_lines(d, MID_COMMITTED, mark)) == 1
 
     s.sync("p3")  # the conflict ends: p2 is followed
     poll_now(d)
