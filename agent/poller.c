@@ -34,6 +34,7 @@ typedef struct PollTarget {
         char *body;
         size_t body_len;
         bool oversized; /* the body passed PROVIDER_BODY_MAX */
+        bool sent_etag; /* this request carried If-None-Match */
         bool in_flight;
 } PollTarget;
 
@@ -162,7 +163,7 @@ static int target_prepare(Poller *p, PollTarget *t, const PollAnswer *a) {
         return 0;
 }
 
-static struct curl_slist *target_headers(const Poller *p, const PollTarget *t, const PollAnswer *a) {
+static struct curl_slist *target_headers(const Poller *p, PollTarget *t, const PollAnswer *a) {
         struct curl_slist *h = NULL, *n;
         char line[320];
 
@@ -180,7 +181,8 @@ static struct curl_slist *target_headers(const Poller *p, const PollTarget *t, c
                         return NULL;
                 h = n;
         }
-        if (a->have_state && t->etag[0]) {
+        t->sent_etag = a->have_state && t->etag[0];
+        if (t->sent_etag) {
                 snprintf(line, sizeof(line), "If-None-Match: %s", t->etag);
                 n = curl_slist_append(h, line);
                 if (!n) {
@@ -232,13 +234,16 @@ static void target_finish(PollTarget *t, CURLcode code) {
                         answer_fail(a, "body over %d bytes", PROVIDER_BODY_MAX);
                 else
                         answer_fail(a, "%s", curl_easy_strerror(code));
-        } else if (status == 304 && a->have_state) {
+        } else if (status == 304 && t->sent_etag && a->have_state) {
+                /* "Unchanged" only answers a question we asked. */
                 a->ok = true;
                 a->outcome = POLL_NOT_MODIFIED;
-        } else if (status != 200)
+        } else if (status == 304)
+                answer_fail(a, "HTTP 304 to a request without If-None-Match");
+        else if (status != 200)
                 answer_fail(a, "HTTP %ld%s", status,
                             status == 401 || status == 403
-                                    ? ": the Provider refused the token (check [provider] token_file)"
+                                    ? ": the Provider token was refused (check [provider] token_file)"
                                     : "");
         else
                 answer_parse(t, a);

@@ -71,7 +71,7 @@ import time
 import urllib.parse
 
 EXCHANGE = "dsm.provider.events"
-FAIL_MODES = ("none", "500", "malformed", "wrong_type", "huge", "reset")
+FAIL_MODES = ("none", "500", "malformed", "wrong_type", "huge", "reset", "304")
 HUGE_SIZE = 10 * 1024 * 1024
 REQUEST_LOG_MAX = 500
 HANG_MAX_SECONDS = 3600.0
@@ -532,6 +532,11 @@ class ProviderSim:
         if mode == "500":
             self._count(n, entry, 500)
             h.send_all(500, b'{"error": "internal error"}\n')
+            return
+        if mode == "304":
+            # A broken node or proxy: "unchanged" whatever was asked.
+            self._count(n, entry, 304)
+            h.send_all(304, b"", {"ETag": '"stale"'})
             return
         if mode == "malformed":
             self._count(n, entry, 200)

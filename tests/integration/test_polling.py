@@ -425,3 +425,24 @@ def test_benchmark_promote_to_settings_latency(sim_nobroker, daemon_factory):
           % (med, min(lat), max(lat), len(lat), " ".join("%.2f" % x for x in lat)))
     # "within a few poll intervals", with room for a loaded machine
     assert max(lat) < 8.0
+
+
+def test_304_without_if_none_match_is_no_answer(sim_nobroker, daemon_factory):
+    """Only a 304 to a sent ETag means "unchanged". p1 fails once (its ETag
+    is dropped with the failed read) and then answers 304 to everything:
+    the request carried no If-None-Match, so the 304 must not revive p1's
+    cached answer (primary at epoch 1, which after the promote would read
+    as a stale Primary). It is a failed read of p1."""
+    s = sim_nobroker
+    d = daemon_factory(s, QUIET)
+    settled(d)
+    s.fail("p1", "500")
+    poll_now(d, 2)
+    s.promote("p2", event=False)
+    s.fail("p1", "304")
+    poll_now(d, 3)
+    d.wait_for_primary("p2", 2, timeout=10)
+    code, doc = d.status()
+    p1 = node_status(doc, "p1")
+    assert p1 is not None and p1["error"] and "304" in p1["error"], doc["nodes"]
+    assert not any("stale" in w for w in doc["warnings"]), doc["warnings"]
