@@ -72,6 +72,16 @@ static size_t nodes_sorted(const GateInput *in, const GateNode *out[static GATE_
         return n;
 }
 
+/* A list reason ("node_unreachable: p3") holds the update when it names
+ * anyone; otherwise it is cleared. */
+static bool held_if(bool any, GateResult *ret) {
+        if (any)
+                ret->state = GATE_HELD;
+        else
+                ret->reason[0] = 0;
+        return any;
+}
+
 /* "node_unreachable: p2, p3" when any node did not answer at its own
  * api_url. An answer that only came through the load balancer says nothing
  * about which node ran it, so it does not count. */
@@ -86,11 +96,7 @@ static bool check_unreachable(const GateNode *const *nodes, size_t n, GateResult
                 reason_append(&r, "%s%s", any ? ", " : "", nodes[i]->id);
                 any = true;
         }
-        if (any)
-                ret->state = GATE_HELD;
-        else
-                ret->reason[0] = 0;
-        return any;
+        return held_if(any, ret);
 }
 
 /* "version_skew: p3=9.0.0": every node whose version is not the offered
@@ -108,11 +114,7 @@ static bool check_skew(const GateNode *const *nodes, size_t n, const char *offer
                 reason_append(&r, "%s%s=%s", any ? ", " : "", nodes[i]->id, nodes[i]->version);
                 any = true;
         }
-        if (any)
-                ret->state = GATE_HELD;
-        else
-                ret->reason[0] = 0;
-        return any;
+        return held_if(any, ret);
 }
 
 bool gate_window_contains(unsigned start_min, unsigned end_min, unsigned m) {

@@ -45,6 +45,13 @@ static int open_dir(const char *dir) {
         return fd < 0 ? negative_errno() : fd;
 }
 
+/* The directory of path, opened; *ret_base points into path. */
+static int open_parent(const char *path, char **ret_dir, const char **ret_base) {
+        int r = split_path(path, ret_dir, ret_base);
+
+        return r < 0 ? r : open_dir(*ret_dir);
+}
+
 /* Random suffix characters; getrandom() may fail early at boot, and the
  * name only needs to be unlikely to collide (O_EXCL catches the rest). */
 static void random_suffix(char *buf, size_t n) {
@@ -128,10 +135,7 @@ int atomic_file_write(const char *path, const void *data, size_t len, mode_t mod
 
         if (!data && len > 0)
                 return -EINVAL;
-        r = split_path(path, &dir, &base);
-        if (r < 0)
-                return r;
-        dfd = open_dir(dir);
+        dfd = open_parent(path, &dir, &base);
         if (dfd < 0)
                 return dfd;
         fd = create_temp(dfd, base, tmp, sizeof(tmp));
@@ -164,12 +168,9 @@ int atomic_file_sweep(const char *path) {
         const char *base;
         struct dirent *de;
         DIR *d;
-        int dfd, r, removed = 0;
+        int dfd, r = 0, removed = 0;
 
-        r = split_path(path, &dir, &base);
-        if (r < 0)
-                return r;
-        dfd = open_dir(dir);
+        dfd = open_parent(path, &dir, &base);
         if (dfd < 0)
                 return dfd;
         d = fdopendir(dfd);
