@@ -22,6 +22,7 @@ typedef struct Candidate {
         const char *primary_id;
         bool by_primary;
         unsigned supporters, cluster_size;
+        unsigned source_agree;       /* supporters reporting exactly source's broker and api_url */
         const ProviderState *source; /* where next's api_url and broker come from */
 } Candidate;
 
@@ -148,7 +149,8 @@ static int source_compare(const ProviderState *a, const ProviderState *b) {
 /* Fills in everything the round says about (epoch, primary_id). The source of
  * the broker settings is P' itself when it answered; otherwise the version
  * most supporters agree on (lagging Standbys may still carry an older one),
- * the first in source_compare() order on a tie. */
+ * the first in source_compare() order on a tie; a majority confirms only
+ * when that version itself has one (candidate_confirmed). */
 static void candidate_evaluate(const RuleInput *in, Candidate *c) {
         const RuleAnswer *answers = in->answers;
         size_t n = in->n_answers;
@@ -165,19 +167,25 @@ static void candidate_evaluate(const RuleInput *in, Candidate *c) {
                         c->by_primary = true;
                         c->source = s;
                         best_agree = UINT32_MAX;
+                        c->source_agree = agreeing(answers, n, c, s);
                         continue;
                 }
                 agree = agreeing(answers, n, c, s);
                 if (agree > best_agree || (agree == best_agree && source_compare(s, c->source) < 0)) {
                         best_agree = agree;
                         c->source = s;
+                        c->source_agree = agree;
                 }
         }
         c->cluster_size = cluster_size(in, c->primary_id);
 }
 
+/* By P' itself, or by a strict majority of the cluster reporting the same
+ * pair with the same broker settings: the broker receives the Agent's
+ * credentials, so a lone lying Standby must not choose it by breaking a
+ * tie (found by the simulation, seed 157). */
 static bool candidate_confirmed(const Candidate *c) {
-        return c->by_primary || 2 * c->supporters > c->cluster_size;
+        return c->by_primary || 2 * c->source_agree > c->cluster_size;
 }
 
 /* Is answer i the first one to name its (epoch, primary) pair? */

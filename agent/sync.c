@@ -54,28 +54,52 @@ static const ProviderState *primary_answer(const Sync *s, const PollRound *round
         return NULL;
 }
 
-/* The cluster's node list: from the committed Primary's own answer when it
- * gave one, else from the largest list of a node that follows it. Returns
- * true when it changed. */
+/* The cluster's node list: the committed Primary's own answer replaces it
+ * (a node may leave the cluster only by the Primary's word); a node that
+ * follows it may only add nodes to it. Rule 6 counts majorities in this
+ * list, so a follower that lists itself alone must not shrink it (found by
+ * the simulation, seed 828: a known cluster of four cut to one, and the
+ * next promotion never seen). Returns true when it changed. */
+static bool known_node(const PersistentState *st, const char *id) {
+        for (size_t i = 0; i < st->n_nodes; i++)
+                if (strcmp(st->nodes[i].id, id) == 0)
+                        return true;
+        return false;
+}
+
+/* Adds the nodes of list that are not known yet; true when any was. */
+static bool add_unknown_nodes(PersistentState *st, const ProviderState *list) {
+        bool added = false;
+
+        for (size_t i = 0; i < list->n_nodes && st->n_nodes < PROVIDER_NODES_MAX; i++)
+                if (!known_node(st, list->nodes[i].id)) {
+                        st->nodes[st->n_nodes++] = list->nodes[i];
+                        added = true;
+                }
+        return added;
+}
+
 static bool sync_learn_nodes(Sync *s, const PollRound *round) {
         const Committed *c = &s->state.committed;
-        const ProviderState *own = primary_answer(s, round), *best = own;
+        const ProviderState *own = primary_answer(s, round);
+        bool changed = false;
 
-        for (size_t i = 0; !own && i < round->n_answers; i++) {
+        if (own) {
+                if (own->n_nodes == 0 ||
+                    (own->n_nodes == s->state.n_nodes &&
+                     memcmp(own->nodes, s->state.nodes, own->n_nodes * sizeof(NodeRef)) == 0))
+                        return false;
+                memcpy(s->state.nodes, own->nodes, own->n_nodes * sizeof(NodeRef));
+                s->state.n_nodes = own->n_nodes;
+                return true;
+        }
+        for (size_t i = 0; i < round->n_answers; i++) {
                 const PollAnswer *a = &round->answers[i];
                 if (answer_counts(a) && a->state.epoch == c->epoch &&
-                    strcmp(a->state.primary.id, c->primary.id) == 0 &&
-                    (!best || a->state.n_nodes > best->n_nodes))
-                        best = &a->state;
+                    strcmp(a->state.primary.id, c->primary.id) == 0)
+                        changed |= add_unknown_nodes(&s->state, &a->state);
         }
-        if (!best || best->n_nodes == 0)
-                return false;
-        if (best->n_nodes == s->state.n_nodes &&
-            memcmp(best->nodes, s->state.nodes, best->n_nodes * sizeof(NodeRef)) == 0)
-                return false;
-        memcpy(s->state.nodes, best->nodes, best->n_nodes * sizeof(NodeRef));
-        s->state.n_nodes = best->n_nodes;
-        return true;
+        return changed;
 }
 
 static void sync_rule(const Sync *s, const PollRound *round, bool partial, RuleResult *ret) {
@@ -142,6 +166,17 @@ static void sync_commit(Sync *s, const PollRound *round, const RuleResult *res) 
                    c->broker.port, c->broker.vhost, c->broker.tls ? " tls" : "",
                    res->early ? " (before the round ended)" : "");
         note_change(s, &old, c);
+        if (!res->broker_only) {
+                /* The offer and the agreement were the old Primary's: the
+                 * gate waits for a whole round of the new one (found by the
+                 * simulation, seed 1244: a download that ended between an
+                 * early commit and the round's end ran the command on the
+                 * old Primary's round). */
+                s->have_offer = false;
+                s->agreeing_rounds = 0;
+                s->agreeing_version[0] = 0;
+                s->n_nodes = 0;
+        }
         s->io.settings_apply(s->io.userdata, c);
         s->io.broker_move(s->io.userdata, &c->broker);
 }
@@ -308,8 +343,12 @@ void sync_round_done(Sync *s, const PollRound *round, RuleResult *ret_rule) {
         sync_rule(s, round, false, &res);
         if (res.verdict == RULE_COMMIT)
                 sync_commit(s, round, &res);
-        else if (s->state.committed.epoch > 0 && sync_learn_nodes(s, round))
-                (void) sync_save_state(s);
+        else if (s->state.committed.epoch > 0) {
+                PersistentState prev = s->state;
+                /* Memory never runs ahead of the file: a failed save undoes it. */
+                if (sync_learn_nodes(s, round) && sync_save_state(s) < 0)
+                        s->state = prev;
+        }
         s->last_rule = res;
         if (s->state.committed.epoch > 0)
                 sync_evaluate_gate(s, round);

@@ -82,7 +82,9 @@ typedef struct Sync {
 } Sync;
 
 /* Starts from a loaded state (the state file's content, or empty). No
- * allocation: a Sync may simply be dropped (the simulation's crashes). */
+ * allocation: a Sync may simply be dropped (the simulation's crashes). The
+ * updater writes its record into s->state.update: hand it that pointer
+ * after sync_init(), and tell the core with sync_update_changed(). */
 void sync_init(Sync *s, const Config *cfg, const SyncIO *io, const PersistentState *loaded, bool once);
 void sync_reconfigure(Sync *s, const Config *cfg);
 /* Writes the persistent state now (logged on failure). */

@@ -53,7 +53,9 @@
  *  2 confirmation: a commit (E', P') has P''s own confirmation (a non-LB ok
  *    answer from P' as primary at E' naming itself) or a strict majority of
  *    the rule-6 cluster (the known ids, the non-LB answering nodes, every
- *    ok answer's nodes list, P') reporting (E', P'); the broker and api_url
+ *    ok answer's nodes list, P') reporting (E', P') with the same broker
+ *    settings (the simulation found a lying Standby choosing the broker on
+ *    a tie); the broker and api_url
  *    committed are ones a supporter reported (P''s own when it answered).
  *  3 conflict: no commit while another node claims primary at the winning
  *    epoch (role=primary there, or a confirmed other pair there); a
@@ -422,8 +424,10 @@ typedef struct Facts {
         unsigned universe;                 /* rule 6 without P': known, answered, every ok nodes list */
         unsigned claim[N_EPOCHS];          /* nodes answering role=primary at the epoch */
         unsigned support[N_EPOCHS][MAX_N]; /* nodes reporting (epoch, pj) */
-        unsigned self[N_EPOCHS];           /* pj answered role=primary at the epoch naming itself */
-        const Spec *own[MAX_N];            /* each node's own non-LB ok answer */
+        /* ... split by the broker they report (0: the usual one, 1: "new") */
+        unsigned support_b[N_EPOCHS][MAX_N][2];
+        unsigned self[N_EPOCHS]; /* pj answered role=primary at the epoch naming itself */
+        const Spec *own[MAX_N];  /* each node's own non-LB ok answer */
         bool estar_found;
         unsigned estar; /* highest confirmed epoch above the committed one (index) */
 } Facts;
@@ -432,8 +436,13 @@ static unsigned cluster(const Facts *f, unsigned j) {
         return f->universe | bit(j);
 }
 
+/* A strict majority of the cluster reporting the pair with the same broker
+ * settings (the broker receives the Agent's credentials: a pair whose
+ * supporters split on it is not confirmed by them). */
 static bool by_majority(const Facts *f, unsigned e, unsigned j) {
-        return 2 * popcount(f->support[e][j]) > popcount(cluster(f, j));
+        unsigned size = popcount(cluster(f, j));
+
+        return 2 * popcount(f->support_b[e][j][0]) > size || 2 * popcount(f->support_b[e][j][1]) > size;
 }
 
 static bool confirmed(const Facts *f, unsigned e, unsigned j) {
@@ -477,6 +486,7 @@ static void facts_compute(const Case *c, Facts *f) {
                 f->universe |= bit(s->id);
                 f->own[s->id] = s;
                 f->support[e][s->primary] |= bit(s->id);
+                f->support_b[e][s->primary][s->new_broker ? 1 : 0] |= bit(s->id);
                 if (s->role_p)
                         f->claim[e] |= bit(s->id);
                 if (s->role_p && s->primary == s->id)
