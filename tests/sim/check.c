@@ -79,6 +79,11 @@ void check_step(void) {
         check_update_record(disk);
 }
 
+void check_settings_now(void) {
+        if (!S->failed && !S->disk_bad)
+                check_settings(&S->disk_state);
+}
+
 /* What the round said, kept for the update check. Called before the core
  * sees the complete round, so that a command it starts at once is judged
  * against this round. */

@@ -138,7 +138,7 @@ void fakes_settings_apply(void *userdata, const Committed *c) {
         S->writes++;
         sim_log("settings file #%" PRIu64 ": epoch %" PRIu64 " %s %s:%u", S->write_seq, c->epoch,
                 c->primary.id, c->broker.host, c->broker.port);
-        check_step(); /* the file is checked the moment it is written */
+        check_settings_now(); /* the file is checked the moment it is written */
         fakes_crash_point("settings_apply (file written, on_change not started)");
         run_request();
 }

@@ -257,6 +257,7 @@ int fakes_parse_settings(const char *text, Committed *ret);
 
 /* check.c */
 void check_step(void);
+void check_settings_now(void); /* invariant 2 alone, inside an effect */
 void check_command_start(const AgentUpdate *offer);
 void check_quiet(void);
 void check_round_done(const PollRound *round);
