@@ -359,11 +359,11 @@ static void round_answer(size_t i) {
         S->rounds_done++;
         if (res.verdict == RULE_COMMIT)
                 S->commits++;
-        sim_log("round done: %s -> committed e%" PRIu64 " %s; gate %s %s",
+        sim_log("round done: %s -> committed e%" PRIu64 " %s (%zu nodes known); gate %s %s",
                 res.verdict == RULE_COMMIT     ? "COMMIT"
                 : res.verdict == RULE_CONFLICT ? "conflict"
                                                : "keep",
-                S->sync.state.committed.epoch, S->sync.state.committed.primary.id,
+                S->sync.state.committed.epoch, S->sync.state.committed.primary.id, S->sync.state.n_nodes,
                 gate_state_to_string(S->sync.gate.state), S->sync.gate.reason);
         round_schedule_next(primary_answered());
 }

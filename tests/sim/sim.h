@@ -71,6 +71,7 @@ typedef struct World {
         int cur;         /* index of the current true pair */
         bool conflicted; /* two nodes claim primary at hist[cur].epoch */
         bool has_liar;
+        bool liar_persistent;
         bool lying;
         unsigned version_seq; /* Provider versions 9.0.N */
         char target_version[PROVIDER_VERSION_MAX + 1];

@@ -69,12 +69,19 @@ static void publish_offer(World *w) {
         w->node[w->hist[w->cur].primary].offer = w->offer;
 }
 
+/* A lying Standby's pair: a Primary that was never promoted (one epoch or
+ * two ahead, an existing node or an unknown one), or the true current pair
+ * with a broker of its own making; always with a nodes list that makes
+ * it look alone. It never claims primary for itself. */
 static void fabricate(World *w, Rng *r, WNode *liar) {
+        const Pair *cur = &w->hist[w->cur];
         int other = (int) rng_below(r, (uint64_t) w->n + 1) - 1;
 
         if (other >= 0 && &w->node[other] == liar)
                 other = -1;
-        liar->fake = (Pair){.epoch = w->hist[w->cur].epoch + 1 + rng_below(r, 2), .primary = other};
+        liar->fake = (Pair){.epoch = cur->epoch + 1 + rng_below(r, 2), .primary = other};
+        if (&w->node[cur->primary] != liar && rng_permille(r, w->liar_persistent ? 500 : 300))
+                liar->fake = (Pair){.epoch = cur->epoch, .primary = cur->primary};
         liar->fake.broker = (BrokerInfo){.port = 5671, .tls = false};
         strscpy(liar->fake.broker.host, sizeof(liar->fake.broker.host), "evil.example");
         strscpy(liar->fake.broker.vhost, sizeof(liar->fake.broker.vhost), "/dsm");
@@ -105,6 +112,9 @@ void world_init(World *w, Rng *r) {
         if (w->has_liar) {
                 int l = (p + 1 + (int) rng_below(r, (uint64_t) w->n - 1)) % w->n;
                 w->node[l].liar = true;
+                /* A hostile node that lies all the time, not only now and then. */
+                w->liar_persistent = w->lying = rng_permille(r, 400);
+                fabricate(w, r, &w->node[l]);
         }
 }
 
@@ -252,7 +262,7 @@ void world_tick(World *w, Rng *r, bool faults) {
                 change_offer(w, r);
         else if (roll < 93) {
                 if (faults && w->has_liar) {
-                        w->lying = !w->lying;
+                        w->lying = !w->lying || w->liar_persistent;
                         for (i = 0; i < w->n; i++)
                                 if (w->node[i].liar)
                                         fabricate(w, r, &w->node[i]);
