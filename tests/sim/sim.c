@@ -4,7 +4,7 @@
  * crashes and restarts from what is on the fake disk, and the report.
  *
  *   build/tests/sim                 seeds 1..2000
- *   build/tests/sim --seeds 1-300   a range
+ *   build/tests/sim --seeds 1-300,828   ranges and seeds
  *   build/tests/sim --seed 42 -v    replays one seed with its whole step log */
 #include <errno.h>
 #include <inttypes.h>
@@ -602,10 +602,10 @@ static void account(Totals *t) {
         }
 }
 
-static void report(const Totals *t, uint64_t first, uint64_t last, double secs) {
-        printf("sim: seeds %" PRIu64 "-%" PRIu64 ": %" PRIu64 " runs, %" PRIu64 " failed; %" PRIu64
+static void report(const Totals *t, const char *seeds, double secs) {
+        printf("sim: seeds %s: %" PRIu64 " runs, %" PRIu64 " failed; %" PRIu64
                " steps in %.2f s (%.0f steps/s)\n",
-               first, last, t->runs, t->failed, t->steps, secs, secs > 0 ? (double) t->steps / secs : 0.0);
+               seeds, t->runs, t->failed, t->steps, secs, secs > 0 ? (double) t->steps / secs : 0.0);
         printf("sim: %" PRIu64 " rounds, %" PRIu64 " commits, %" PRIu64 " settings writes, %" PRIu64
                " on_change runs, %" PRIu64 " crashes, %" PRIu64 " downloads, %" PRIu64 " update commands\n",
                t->rounds, t->commits, t->writes, t->onchange_ok, t->crashes, t->downloads, t->applies);
@@ -627,42 +627,62 @@ static double wall_seconds(void) {
 }
 
 static int usage(void) {
-        fprintf(stderr, "usage: sim [--seed N [-v]] [--seeds A-B] [--count N]\n");
+        fprintf(stderr, "usage: sim [--seed N [-v]] [--seeds A-B,C,D-E...] [--count N]\n");
         return 2;
 }
 
+/* Runs "A-B,C,..." (each item a seed or a range); false on a malformed list. */
+static bool run_seeds(const char *list, bool verbose, Totals *t) {
+        for (const char *p = list; *p;) {
+                uint64_t a, b;
+                int n = 0;
+
+                if (sscanf(p, "%" SCNu64 "-%" SCNu64 "%n", &a, &b, &n) == 2 && n > 0)
+                        ;
+                else if (sscanf(p, "%" SCNu64 "%n", &a, &n) == 1 && n > 0)
+                        b = a;
+                else
+                        return false;
+                if (b < a)
+                        return false;
+                for (uint64_t seed = a; seed <= b; seed++) {
+                        run_seed(seed, verbose);
+                        account(t);
+                        if (verbose && S->failed)
+                                printf("FAIL seed %" PRIu64 ": invariant %s: %s\n", seed,
+                                       inv_names[S->failed], S->failure);
+                }
+                p += n;
+                if (*p == ',')
+                        p++;
+                else if (*p)
+                        return false;
+        }
+        return true;
+}
+
 int main(int argc, char **argv) {
-        uint64_t first = 1, last = 2000;
-        bool verbose = false, single = false;
+        char seeds[256] = "1-2000";
+        bool verbose = false;
         Totals t = {};
         double start;
 
         for (int i = 1; i < argc; i++) {
                 if (strcmp(argv[i], "-v") == 0)
                         verbose = true;
-                else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc) {
-                        first = last = strtoull(argv[++i], NULL, 10);
-                        single = true;
-                } else if (strcmp(argv[i], "--seeds") == 0 && i + 1 < argc) {
-                        if (sscanf(argv[++i], "%" SCNu64 "-%" SCNu64, &first, &last) != 2 || last < first)
-                                return usage();
-                } else if (strcmp(argv[i], "--count") == 0 && i + 1 < argc) {
-                        first = 1;
-                        last = strtoull(argv[++i], NULL, 10);
-                } else
+                else if ((strcmp(argv[i], "--seed") == 0 || strcmp(argv[i], "--seeds") == 0) && i + 1 < argc)
+                        snprintf(seeds, sizeof(seeds), "%s", argv[++i]);
+                else if (strcmp(argv[i], "--count") == 0 && i + 1 < argc)
+                        snprintf(seeds, sizeof(seeds), "1-%s", argv[++i]);
+                else
                         return usage();
         }
         /* The core's own log lines join the step log when replaying. */
         log_setup(LOG_TARGET_STDERR, verbose ? LOG_DEBUG : -1);
         setvbuf(stdout, NULL, _IOLBF, 0);
         start = wall_seconds();
-        for (uint64_t seed = first; seed <= last; seed++) {
-                run_seed(seed, verbose);
-                account(&t);
-                if (single && S->failed && verbose)
-                        printf("FAIL seed %" PRIu64 ": invariant %s: %s\n", seed, inv_names[S->failed],
-                               S->failure);
-        }
-        report(&t, first, last, wall_seconds() - start);
+        if (!run_seeds(seeds, verbose, &t))
+                return usage();
+        report(&t, seeds, wall_seconds() - start);
         return t.failed ? 1 : 0;
 }
