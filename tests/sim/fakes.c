@@ -217,7 +217,7 @@ void fakes_download_done(void) {
         S->package = S->up_offer;
         S->up_phase = UPDATER_READY;
         sim_log("update %s: verified and kept (ready)", S->up_offer.version);
-        sync_update_ready(&S->sync);
+        sync_update_ready(&S->sync, &S->package);
 }
 
 static int fake_update_apply(void *userdata, const AgentUpdate *offer) {
