@@ -148,7 +148,7 @@ FORCE:
 
 # The code is formatted by clang-format (.clang-format); the build checks it.
 format-check:
-	clang-format --dry-run --Werror $(wildcard agent/*.c agent/*.h common/*.c include/*.h tests/unit/*.c tests/tools/*.c tests/fuzz/*.c)
+	clang-format --dry-run --Werror $(wildcard agent/*.c agent/*.h common/*.c include/*.h tests/unit/*.c tests/tools/*.c tests/fuzz/*.c tests/sim/*.c tests/sim/*.h)
 
 check: deps
 	$(MAKE) format-check
