@@ -37,6 +37,7 @@
 
 #include "atomic_file.h"
 #include "curl-glue.h"
+#include "file-hash.h"
 #include "log.h"
 #include "macro.h"
 #include "runner.h"
@@ -49,7 +50,6 @@
 #define BACKOFF_FIRST_USEC (60 * USEC_PER_SEC)
 #define BACKOFF_MAX_USEC   (3600 * USEC_PER_SEC)
 #define VERSION_FILE_MAX   4096
-#define VERIFY_CHUNK       (1024 * 1024) /* bytes hashed per event loop iteration */
 
 typedef struct Download {
         Updater *u;
@@ -65,16 +65,6 @@ typedef struct Download {
         char tmp_path[PATH_MAX];
         char errbuf[CURL_ERROR_SIZE];
 } Download;
-
-/* Re-hashing a package kept from an earlier attempt of the same version. */
-typedef struct Verify {
-        Updater *u;
-        sd_event_source *src; /* idle-priority defer source: one slice per dispatch */
-        EVP_MD_CTX *md;
-        int fd;
-        uint64_t hashed;
-        unsigned char *buf;
-} Verify;
 
 struct Updater {
         sd_event *event;
@@ -94,7 +84,7 @@ struct Updater {
 
         CurlGlue *glue; /* one download at a time; each closes its connection (FORBID_REUSE) */
         Download *dl;
-        Verify *verify;
+        FileHash *verify; /* re-hashing a package kept from an earlier attempt */
         CURLU *offer_url; /* parsed at start; handed to the Download */
         bool send_token;  /* the offer URL is the trusted api_url's origin */
         Runner *runner;
@@ -396,18 +386,6 @@ static size_t on_curl_write(char *ptr, size_t size, size_t nmemb, void *userdata
         return n;
 }
 
-/* The finished digest as 64 lowercase hex digits. */
-static int digest_hex(EVP_MD_CTX *md, char hex[static SHA256_HEX_LEN + 1]) {
-        unsigned char bin[EVP_MAX_MD_SIZE];
-        unsigned len = 0;
-
-        if (EVP_DigestFinal_ex(md, bin, &len) != 1 || len != SHA256_HEX_LEN / 2)
-                return -EIO;
-        for (unsigned i = 0; i < len; i++)
-                snprintf(hex + 2 * i, 3, "%02x", bin[i]);
-        return 0;
-}
-
 static int reasonf(char *buf, size_t size, const char *fmt, ...) _printf_(3, 4);
 static int reasonf(char *buf, size_t size, const char *fmt, ...) {
         va_list ap;
@@ -438,7 +416,7 @@ static int download_finish(Updater *u, Download *d, CURLcode res, char *reason, 
         if (d->received != d->limit)
                 return reasonf(reason, size, "size_mismatch");
 
-        if (digest_hex(d->md, hex) < 0)
+        if (sha256_hex_final(d->md, hex) < 0)
                 return reasonf(reason, size, "download_failed: sha256 unavailable");
         if (strcmp(hex, u->offer.sha256) != 0)
                 return reasonf(reason, size, "sha256_mismatch");
@@ -579,20 +557,8 @@ static void updater_download(Updater *u) {
 
 /* ---- reusing a package kept from an earlier attempt ---- */
 
-static Verify *verify_free(Verify *v) {
-        if (!v)
-                return NULL;
-        sd_event_source_disable_unref(v->src);
-        EVP_MD_CTX_free(v->md);
-        if (v->fd >= 0)
-                close(v->fd);
-        free(v->buf);
-        free(v);
-        return NULL;
-}
-
 static void verify_end(Updater *u, bool ok) {
-        u->verify = verify_free(u->verify);
+        u->verify = file_hash_free(u->verify);
         if (ok) {
                 u->offer_url = curl_url_cleanup_p(u->offer_url);
                 log_info("Reusing the verified package %s", u->pkg_path);
@@ -606,29 +572,10 @@ static void verify_end(Updater *u, bool ok) {
         updater_download(u);
 }
 
-/* One slice of the file per dispatch, at idle priority: hashing a large
- * package never holds up the poll rounds, the watchdog or the notify
- * socket. */
-static int on_verify(sd_event_source *s, void *userdata) {
-        Verify *v = userdata;
-        Updater *u = v->u;
-        char hex[SHA256_HEX_LEN + 1];
-        ssize_t n;
+static void on_verified(FileHash *h, const char *hex, void *userdata) {
+        Updater *u = userdata;
 
-        n = read(v->fd, v->buf, VERIFY_CHUNK);
-        if (n < 0 && errno == EINTR)
-                return 0;
-        if (n > 0) {
-                v->hashed += (uint64_t) n;
-                if (v->hashed > u->offer.size || EVP_DigestUpdate(v->md, v->buf, (size_t) n) != 1)
-                        verify_end(u, false);
-                return 0;
-        }
-        if (n < 0)
-                log_warning_errno(negative_errno(), "Cannot read %s", u->pkg_path);
-        verify_end(u, n == 0 && v->hashed == u->offer.size && digest_hex(v->md, hex) == 0 &&
-                              strcmp(hex, u->offer.sha256) == 0);
-        return 0;
+        verify_end(u, hex && strcmp(hex, u->offer.sha256) == 0);
 }
 
 /* A package of this version from an earlier attempt (the command failed,
@@ -639,7 +586,7 @@ static int on_verify(sd_event_source *s, void *userdata) {
 static int verify_start(Updater *u) {
         _cleanup_(closep) int fd = -1;
         struct stat st;
-        Verify *v;
+        int r;
 
         /* O_NONBLOCK: a FIFO planted under that name must not hang us. */
         fd = open(u->pkg_path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
@@ -656,23 +603,10 @@ static int verify_start(Updater *u) {
                 return 0;
         }
 
-        v = calloc(1, sizeof(*v));
-        if (!v)
-                return -ENOMEM;
-        *v = (Verify){.u = u, .fd = -1};
-        u->verify = v;
-        v->md = EVP_MD_CTX_new();
-        v->buf = malloc(VERIFY_CHUNK);
-        if (!v->md || !v->buf || EVP_DigestInit_ex(v->md, EVP_sha256(), NULL) != 1 ||
-            sd_event_add_defer(u->event, &v->src, on_verify, v) < 0 ||
-            sd_event_source_set_priority(v->src, SD_EVENT_PRIORITY_IDLE) < 0 ||
-            sd_event_source_set_enabled(v->src, SD_EVENT_ON) < 0) {
-                u->verify = verify_free(v);
-                return -ENOMEM;
-        }
-        (void) sd_event_source_set_description(v->src, "updater-verify");
-        v->fd = fd;
-        fd = -1;
+        r = file_hash_new(u->event, fd, u->offer.size, on_verified, u, &u->verify);
+        fd = -1; /* taken */
+        if (r < 0)
+                return r;
         return 1;
 }
 
@@ -716,7 +650,7 @@ Updater *updater_free(Updater *u) {
                 return NULL;
         u->dl = download_free(u->dl);
         u->glue = curl_glue_free(u->glue);
-        u->verify = verify_free(u->verify);
+        u->verify = file_hash_free(u->verify);
         u->offer_url = curl_url_cleanup_p(u->offer_url);
         u->runner = runner_free(u->runner);
         strv_free(u->argv);
