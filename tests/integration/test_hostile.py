@@ -61,7 +61,8 @@ def test_four_node_cluster_two_standbys_after_a_shrink(sim_factory, daemon_facto
     """The same in a known four-node cluster with no node naming itself:
     p4 lists only itself while p1..p3 fail; then p3 and p4 name p2 at
     epoch 8. Two of four is no majority (before the fix: two of three)."""
-    s = sim_factory(nodes=4, brokers={n: ("127.0.0.1", util.closed_port()) for n in ("p1", "p2", "p3", "p4")})
+    s = sim_factory(nodes=4, brokers={n: ("127.0.0.1", util.closed_port())
+                                      for n in ("p1", "p2", "p3", "p4")})
     d = daemon_factory(sim=s, overrides={"provider": {"poll_interval": "1s"}})
     d.wait_for_primary("p1", 1, timeout=15)
     assert known_ids(d) == ["p1", "p2", "p3", "p4"]

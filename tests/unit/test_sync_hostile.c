@@ -323,6 +323,28 @@ static void test_primary_may_shrink_known(void **state) {
 
 /* ---- contract 8: the offer is the committed Primary's ---- */
 
+/* The round's pending targets time out and the round ends. */
+static void round_times_out(Fixture *f, Round *r) {
+        PollRound pr;
+
+        for (size_t i = 0; i < r->n; i++)
+                if (r->answers[i].outcome == POLL_PENDING)
+                        r->answers[i].outcome = POLL_ERROR;
+        r->pending = 0;
+        pr = as_round(r);
+        sync_round_done(&f->sync, &pr, NULL);
+}
+
+/* Committed p1@1, all at the offered version: a whole round
+ * opens the gate with p1's offer and starts the download. */
+static void open_gate_with_p1_offer(Fixture *f, Round *r1) {
+        start(f, 1, "p1", "p1 p2 p3");
+        answer(r1, "p1", 'P', 1, "p1", "p1 p2 p3", true);
+        answer(r1, "p2", 'S', 1, "p1", "p1 p2 p3", false);
+        answer(r1, "p3", 'S', 1, "p1", "p1 p2 p3", false);
+        done(f, r1);
+}
+
 /* The gate opened with p1's offer and the package is downloading. p1's host
  * vanishes, p2 is promoted, and the round commits p2 early (rule 7) while
  * p1's request hangs. The download ends now: the committed Primary (p2) has
@@ -331,13 +353,8 @@ static void test_primary_may_shrink_known(void **state) {
 static void test_offer_of_old_primary_not_applied_after_early_commit(void **state) {
         Fixture f;
         Round r1 = {}, r2 = {};
-        PollRound pr;
 
-        start(&f, 1, "p1", "p1 p2 p3");
-        answer(&r1, "p1", 'P', 1, "p1", "p1 p2 p3", true);
-        answer(&r1, "p2", 'S', 1, "p1", "p1 p2 p3", false);
-        answer(&r1, "p3", 'S', 1, "p1", "p1 p2 p3", false);
-        done(&f, &r1);
+        open_gate_with_p1_offer(&f, &r1);
         assert_int_equal(f.sync.gate.state, GATE_OPEN);
         assert_int_equal(f.world.fetches, 1);
 
@@ -352,10 +369,7 @@ static void test_offer_of_old_primary_not_applied_after_early_commit(void **stat
         assert_int_equal(f.world.applies, 0);
 
         /* The round ends (p1 times out): p2 offers nothing, nothing runs. */
-        r2.answers[0].outcome = POLL_ERROR;
-        r2.pending = 0;
-        pr = as_round(&r2);
-        sync_round_done(&f.sync, &pr, NULL);
+        round_times_out(&f, &r2);
         assert_int_equal(f.world.applies, 0);
         assert_int_equal(f.sync.gate.state, GATE_NONE);
 }
@@ -366,13 +380,8 @@ static void test_offer_of_old_primary_not_applied_after_early_commit(void **stat
 static void test_offer_of_new_primary_applied_once(void **state) {
         Fixture f;
         Round r1 = {}, r2 = {}, r3 = {};
-        PollRound pr;
 
-        start(&f, 1, "p1", "p1 p2 p3");
-        answer(&r1, "p1", 'P', 1, "p1", "p1 p2 p3", true);
-        answer(&r1, "p2", 'S', 1, "p1", "p1 p2 p3", false);
-        answer(&r1, "p3", 'S', 1, "p1", "p1 p2 p3", false);
-        done(&f, &r1);
+        open_gate_with_p1_offer(&f, &r1);
 
         silent(&r2, "p1", true);
         answer(&r2, "p2", 'P', 2, "p2", "p1 p2 p3", true)->state.update = r1.answers[0].state.update;
@@ -383,10 +392,7 @@ static void test_offer_of_new_primary_applied_once(void **state) {
         assert_int_equal(f.world.applies, 0);
 
         /* p1 never answered this round: node_unreachable holds it. */
-        r2.answers[0].outcome = POLL_ERROR;
-        r2.pending = 0;
-        pr = as_round(&r2);
-        sync_round_done(&f.sync, &pr, NULL);
+        round_times_out(&f, &r2);
         assert_int_equal(f.world.applies, 0);
         assert_int_equal(f.sync.gate.state, GATE_HELD);
 
