@@ -188,7 +188,10 @@ def test_warning_primary_conflict(daemon_factory, sim3):
 def test_warning_conflict_at_a_new_epoch_commits_nothing(daemon_factory, sim3):
     d = start(daemon_factory, sim3)
     settings = d.settings_text()
-    # p2 promoted (epoch 2), then p3 also claims primary at epoch 2.
+    # p2 promoted (epoch 2), then p3 also claims primary at epoch 2. p2
+    # answers last, so p3's rival claim is in hand when p2 confirms itself:
+    # rule 7 then holds the early commit and the round is a conflict.
+    sim3.slow("p2", 0.5)
     sim3.promote("p2", event=False)
     sim3.conflict("p3")
     poll_now(d)
