@@ -167,3 +167,15 @@ char *secret_free(char *s) {
         }
         return NULL;
 }
+
+usec_t random_usec(usec_t max) {
+        /* (max + 1) as a double: every value up to max is reachable; the
+         * rounding of a huge max could reach max + 1, hence the clamp. */
+        double v = random_unit() * ((double) max + 1.0);
+
+        return v >= (double) max ? max : (usec_t) v;
+}
+
+usec_t backoff_full_jitter(usec_t first, usec_t max, unsigned failures) {
+        return failures == 0 ? 0 : random_usec(backoff_usec(first, max, failures));
+}

@@ -56,3 +56,10 @@ bool url_is_plain_http(const char *url);
 /* Overwrites a NUL-terminated secret (a token, a private key) with zeros,
  * then frees it; NULL safe. Returns NULL. */
 char *secret_free(char *s);
+
+/* Uniform in [0, max], drawn through random_unit(). */
+usec_t random_usec(usec_t max);
+/* AWS "full jitter": uniform in [0, backoff_usec(first, max, failures)], so
+ * that clients failing together retry apart instead of in waves. 0
+ * failures: 0. */
+usec_t backoff_full_jitter(usec_t first, usec_t max, unsigned failures);

@@ -94,12 +94,61 @@ static void test_url(void **st) {
         assert_false(url_is_plain_http("nonsense"));
 }
 
+/* splitmix64: a seeded, reproducible source for the draws below. */
+static uint64_t seeded_source(void *userdata) {
+        uint64_t *x = userdata, z = (*x += 0x9e3779b97f4a7c15ULL);
+
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        return z ^ (z >> 31);
+}
+
+static uint64_t all_ones_source(void *userdata) {
+        return UINT64_MAX;
+}
+
+static void test_full_jitter(void **st) {
+        const usec_t first = 250 * USEC_PER_MSEC, max = 30 * USEC_PER_SEC;
+        uint64_t seed = 14, zero = 0;
+
+        /* The ends of the range: the lowest draw is 0, the highest the ceiling. */
+        random_set_source(counting_source, &zero);
+        assert_int_equal(backoff_full_jitter(first, max, 3), 0);
+        random_set_source(all_ones_source, NULL);
+        assert_int_equal(backoff_full_jitter(first, max, 3), 4 * first);
+        assert_int_equal(backoff_full_jitter(first, max, 100), max);
+        assert_int_equal(random_usec(0), 0);
+        /* No overflow at the top (where doubles step by 2^11). */
+        assert_true(random_usec(UINT64_MAX) >= UINT64_MAX - 4096);
+        assert_int_equal(backoff_full_jitter(first, max, 0), 0);
+
+        /* Over many seeded draws: within [0, ceiling], reaching both ends,
+         * the mean near half the ceiling (uniform, not clustered). */
+        random_set_source(seeded_source, &seed);
+        for (unsigned failures = 1; failures <= 12; failures++) {
+                usec_t ceiling = backoff_usec(first, max, failures), lo = UINT64_MAX, hi = 0;
+                double sum = 0;
+                const int n = 20000;
+
+                for (int i = 0; i < n; i++) {
+                        usec_t d = backoff_full_jitter(first, max, failures);
+                        assert_true(d <= ceiling);
+                        lo = d < lo ? d : lo;
+                        hi = d > hi ? d : hi;
+                        sum += (double) d;
+                }
+                assert_true(lo < ceiling / 100);
+                assert_true(hi > ceiling - ceiling / 100);
+                assert_true(sum / n > 0.48 * (double) ceiling && sum / n < 0.52 * (double) ceiling);
+        }
+        random_set_source(NULL, NULL);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test(test_backoff),
-                cmocka_unit_test(test_random_source),
-                cmocka_unit_test(test_strv),
-                cmocka_unit_test(test_url),
+                cmocka_unit_test(test_backoff),     cmocka_unit_test(test_random_source),
+                cmocka_unit_test(test_strv),        cmocka_unit_test(test_url),
+                cmocka_unit_test(test_full_jitter),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
