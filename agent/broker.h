@@ -4,7 +4,8 @@
  * declares a server-named exclusive auto-delete queue bound to the events
  * exchange with provider.# and agent.#, consumes with acks, and reports
  * every well-formed event (provider_event_check(), as a hint) and every
- * loss. On loss it closes, backs off with jitter and reconnects by itself.
+ * loss. On loss or a failed attempt it closes, backs off with full jitter
+ * and reconnects by itself.
  *
  * One thread besides the loop's, briefly: librabbitmq's connection setup
  * blocks, and a blocking call must never stall synchronization, so each
@@ -45,7 +46,11 @@ int broker_reconfigure(Broker *b, const Config *cfg);
 
 /* Connects to target (the committed Primary's broker), or moves there
  * from the current one; NULL disconnects. Returns at once; progress is
- * reported through state_changed. */
+ * reported through state_changed. A move (a target other than the current
+ * one) reports connecting at once but starts its first attempt after a
+ * random delay of up to 1 s, so that a fleet moving together does not
+ * arrive at the new broker in the same instant; a first target and the
+ * current one again (after a loss) are tried at once. */
 int broker_set_target(Broker *b, const BrokerInfo *target);
 BrokerConnState broker_state(const Broker *b);
 const char *broker_conn_state_to_string(BrokerConnState s);
