@@ -88,7 +88,7 @@ def report(res):
           "AMQP connect..consume %.2f ms"
           % (fl["publish_consume_ms"]["p50"], fl["http_get_ms"]["p50"], fl["atomic_replace_ms"]["p50"],
              fl["amqp_setup_ms"]["p50"]))
-        w("   settings p99 / floor = %sx (target <= 2x); connected p99 / floor = %sx (target <= 2x)"
+        w("   settings p99 / floor = %sx (target <= 2x); connected p99 / floor = %sx (target <= 2x + 1 s move spread)"
           % (_v(f["ratios"]["settings_p99_over_floor"]), _v(f["ratios"]["connected_p99_over_floor"])))
     if "death" in s and "error" not in s["death"]:
         f = s["death"]
