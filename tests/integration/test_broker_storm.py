@@ -16,11 +16,8 @@ Bounds are generous: this is behaviour, not speed, on a busy machine.
 
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -30,9 +27,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness import util  # noqa: E402
-
-BUILD = os.environ.get("DSM_BUILD_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "build"))
-DRIVE = os.path.join(BUILD, "tests", "broker_drive")
+from test_broker_drive import DRIVE, Drive  # noqa: E402  (its driver: debug log in a file)
 
 BACKOFF_FIRST = 0.250  # s, agent/broker.c BACKOFF_MIN_USEC
 BACKOFF_MAX = 30.0     # s, BACKOFF_MAX_USEC
@@ -107,33 +102,6 @@ def listeners():
         lst.stop()
 
 
-class Drive:
-    """tests/broker_drive (agent/broker.c on its own loop), debug log to a file."""
-
-    def __init__(self, port):
-        self.errfile = tempfile.NamedTemporaryFile(prefix="broker_storm-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([DRIVE, "-d", "-H", "2", "127.0.0.1", str(port)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, stderr=self.errfile, text=True, bufsize=1)
-
-    def send(self, cmd):
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-
-    def log(self):
-        with open(self.errfile.name, errors="replace") as f:
-            return f.read()
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        os.unlink(self.errfile.name)
-
-
 @pytest.fixture
 def drive():
     if not os.access(DRIVE, os.X_OK):
@@ -141,7 +109,7 @@ def drive():
     made = []
 
     def make(port):
-        d = Drive(port)
+        d = Drive("127.0.0.1", port, "-H", "2")
         made.append(d)
         return d
 
@@ -234,7 +202,9 @@ def test_promote_spreads_the_first_attempt_then_backs_off(sim_nobroker, listener
     print("promote: spread %d ms, first attempt on the new broker %.0f ms after the move"
           % (spread, (t1 - t_move) * 1000))
     assert spread <= MOVE_SPREAD * 1000
-    assert spread / 1000 - EARLY <= t1 - t_move <= MOVE_SPREAD + LATE
+    # The spread counts from the loop's wake-up, before the commit's own
+    # fsyncs and the log line: no lower bound here beyond causality.
+    assert -0.01 <= t1 - t_move <= MOVE_SPREAD + LATE
     before = "\n".join(d.log_lines()[:mark])
     assert "spread after a move" not in before  # the connection at start did not wait
     time.sleep(5)
