@@ -54,12 +54,6 @@ static const ProviderState *primary_answer(const Sync *s, const PollRound *round
         return NULL;
 }
 
-/* The cluster's node list: the committed Primary's own answer replaces it
- * (a node may leave the cluster only by the Primary's word); a node that
- * follows it may only add nodes to it. Rule 6 counts majorities in this
- * list, so a follower that lists itself alone must not shrink it (found by
- * the simulation, seed 828: a known cluster of four cut to one, and the
- * next promotion never seen). Returns true when it changed. */
 static bool known_node(const PersistentState *st, const char *id) {
         for (size_t i = 0; i < st->n_nodes; i++)
                 if (strcmp(st->nodes[i].id, id) == 0)
@@ -79,6 +73,12 @@ static bool add_unknown_nodes(PersistentState *st, const ProviderState *list) {
         return added;
 }
 
+/* The cluster's node list: the committed Primary's own answer replaces it
+ * (a node may leave the cluster only by the Primary's word); a node that
+ * follows it may only add nodes to it. Rule 6 counts majorities in this
+ * list, so a follower that lists itself alone must not shrink it (found by
+ * the simulation, seed 828: a known cluster of four cut to one, and the
+ * next promotion never seen). Returns true when it changed. */
 static bool sync_learn_nodes(Sync *s, const PollRound *round) {
         const Committed *c = &s->state.committed;
         const ProviderState *own = primary_answer(s, round);
