@@ -82,6 +82,7 @@ struct Broker {
         sd_event_source *attempt_source;
         sd_event_source *retry_source; /* the next attempt, after a backoff or a spread */
         unsigned failures;             /* failed attempts and losses since the last success */
+        uint64_t connects;             /* connections made, for GET /metrics */
         bool loss_logged;              /* a warning went out for the current outage */
 
         amqp_connection_state_t conn;
@@ -529,6 +530,7 @@ static void broker_connected(Broker *b, amqp_connection_state_t conn, usec_t ela
         }
         b->failures = 0;
         b->loss_logged = false;
+        b->connects++;
         snprintf(hostport, sizeof hostport, "%s:%u", t->host, t->port);
         log_struct(LOG_NOTICE, 0, MID_BROKER_CONNECTED, &(LogFields){.peer = hostport},
                    "broker %s%s connected, consuming from %s (setup %" PRIu64 " ms, heartbeat %" PRIu64
@@ -697,4 +699,8 @@ const char *broker_conn_state_to_string(BrokerConnState s) {
                 return "connected";
         }
         return "unknown";
+}
+
+uint64_t broker_reconnects(const Broker *b) {
+        return b && b->connects > 1 ? b->connects - 1 : 0;
 }

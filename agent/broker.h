@@ -16,6 +16,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <systemd/sd-event.h>
 
 #include "config.h"
@@ -54,3 +55,6 @@ int broker_reconfigure(Broker *b, const Config *cfg);
 int broker_set_target(Broker *b, const BrokerInfo *target);
 BrokerConnState broker_state(const Broker *b);
 const char *broker_conn_state_to_string(BrokerConnState s);
+/* Connections made after the first (losses healed, moves to a new
+ * Primary's broker), for GET /metrics. */
+uint64_t broker_reconnects(const Broker *b);

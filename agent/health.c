@@ -40,10 +40,11 @@ void manager_send_status(Manager *m) {
         (void) sd_notifyf(false, "STATUS=%s", text);
 }
 
-static void add_warning(Manager *m, const char *fmt, ...) _printf_(2, 3);
-static void add_warning(Manager *m, const char *fmt, ...) {
+static void add_warning(Manager *m, MetricsWarning kind, const char *fmt, ...) _printf_(3, 4);
+static void add_warning(Manager *m, MetricsWarning kind, const char *fmt, ...) {
         va_list ap;
 
+        m->metrics.warnings[kind]++; /* counted past the document's cap too */
         if (m->n_warnings >= MANAGER_MAX_WARNINGS)
                 return;
         va_start(ap, fmt);
@@ -65,23 +66,29 @@ void manager_update_warnings(Manager *m) {
         int werr = m->settings ? settings_writer_error(m->settings) : 0;
 
         m->n_warnings = 0;
+        memset(m->metrics.warnings, 0, sizeof(m->metrics.warnings));
         for (size_t i = 0; i < r->n_stale; i++)
-                add_warning(m, "stale primary %s at epoch %" PRIu64, r->stale[i].node_id, r->stale[i].epoch);
+                add_warning(m, METRICS_WARNING_STALE_PRIMARY, "stale primary %s at epoch %" PRIu64,
+                            r->stale[i].node_id, r->stale[i].epoch);
         if (r->conflict)
-                add_warning(m, "primary conflict: %s and %s both claim epoch %" PRIu64, r->conflict_a,
+                add_warning(m, METRICS_WARNING_CONFLICT,
+                            "primary conflict: %s and %s both claim epoch %" PRIu64, r->conflict_a,
                             r->conflict_b, r->conflict_epoch);
         if (m->sync.state.committed.epoch > 0 && (m->sync.state.n_nodes < 3 || m->sync.state.n_nodes > 4))
-                add_warning(m, "cluster size %zu: a Provider HA cluster has 3 or 4 nodes",
+                add_warning(m, METRICS_WARNING_CLUSTER_SIZE,
+                            "cluster size %zu: a Provider HA cluster has 3 or 4 nodes",
                             m->sync.state.n_nodes);
         if (flaps > FLAP_LIMIT)
-                add_warning(m, "flapping: %u primary changes within 10 minutes", flaps);
+                add_warning(m, METRICS_WARNING_FLAPPING, "flapping: %u primary changes within 10 minutes",
+                            flaps);
         if (werr < 0)
-                add_warning(m, "settings file %s not written: %s", m->config->settings_file,
-                            strerror(-werr));
+                add_warning(m, METRICS_WARNING_SETTINGS_NOT_WRITTEN, "settings file %s not written: %s",
+                            m->config->settings_file, strerror(-werr));
         if (m->sync.state_save_failed)
-                add_warning(m, "state file %s not written: commits are held", m->config->state_file);
+                add_warning(m, METRICS_WARNING_STATE_NOT_WRITTEN,
+                            "state file %s not written: commits are held", m->config->state_file);
         if (m->sync.state.committed.epoch == 0)
-                add_warning(m, "no primary committed yet");
+                add_warning(m, METRICS_WARNING_NO_PRIMARY, "no primary committed yet");
 }
 
 /* ---- the errors of poll targets, as logged ---- */

@@ -85,6 +85,7 @@ static void manager_start_round(Manager *m) {
         m->round_pending = false;
         m->hint_pending = false;
         m->hint_deferred = false;
+        m->metrics.round_started_usec = now_usec(CLOCK_MONOTONIC);
         r = poller_start_round(m->poller, &poller_callbacks, m);
         if (r < 0) {
                 log_warning_errno(r, "Cannot start a poll round");
@@ -321,6 +322,7 @@ static void on_round_done(Poller *p, void *userdata) {
         manager_log_targets(m);
 
         poller_get_round(p, &round);
+        manager_count_round(m, &round);
         sync_round_done(&m->sync, &round, &res);
         manager_log_rule(m, &prev, &res);
         manager_update_warnings(m);
@@ -395,6 +397,10 @@ static json_t *on_status(NotifyServer *s, void *userdata) {
         return manager_status_json(userdata);
 }
 
+static char *on_metrics(NotifyServer *s, void *userdata) {
+        return manager_metrics_text(userdata);
+}
+
 static void on_updater_changed(Updater *u, void *userdata) {
         Manager *m = userdata;
 
@@ -425,7 +431,8 @@ static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si,
         return sd_event_exit(m->event, 0);
 }
 
-static const NotifyCallbacks notify_callbacks = {.notify = on_notify, .status = on_status};
+static const NotifyCallbacks notify_callbacks = {
+        .notify = on_notify, .status = on_status, .metrics = on_metrics};
 
 /* Makes the listener match new_cfg. When its socket must change, the new
  * one is opened first (a different address) so a bad new address leaves
@@ -655,9 +662,7 @@ static int manager_add_modules(Manager *m) {
         if (r < 0)
                 return log_error_errno(r, "Cannot set up the broker connection");
         if (m->config->notify_enabled) {
-                r = notify_server_new(m->event, m->config,
-                                      &(NotifyCallbacks){.notify = on_notify, .status = on_status}, m,
-                                      &m->notify);
+                r = notify_server_new(m->event, m->config, &notify_callbacks, m, &m->notify);
                 if (r < 0)
                         return log_error_errno(r, "Cannot open the notify listener %s",
                                                m->config->notify_listen);

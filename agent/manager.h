@@ -15,6 +15,7 @@
 #include "config.h"
 #include "control.h"
 #include "gate.h"
+#include "metrics.h"
 #include "notify.h"
 #include "poller.h"
 #include "ratelimit.h"
@@ -81,6 +82,15 @@ typedef struct Manager {
         struct {
                 uint64_t polls, events, notifies;
         } counters;
+        /* For GET /metrics (agent/manager-metrics.c), kept as rounds end. */
+        struct {
+                MetricsNodePolls polls[POLLER_MAX_TARGETS + 1]; /* + "unknown" */
+                size_t n_polls;
+                MetricsHistogram rounds;
+                uint64_t round_started_usec;          /* CLOCK_MONOTONIC */
+                uint64_t last_good_poll_usec;         /* CLOCK_REALTIME, 0 never */
+                uint64_t warnings[METRICS_WARNING_N]; /* of the latest round */
+        } metrics;
 
         char status_text[512]; /* last STATUS= sent */
 } Manager;
@@ -109,6 +119,11 @@ void manager_log_rule(Manager *m, const RuleResult *prev, const RuleResult *res)
 void manager_send_status(Manager *m);
 /* The warnings of the status document, from the latest round (agent/health.c). */
 void manager_update_warnings(Manager *m);
+
+/* Counts a complete round's answers and duration (agent/manager-metrics.c). */
+void manager_count_round(Manager *m, const PollRound *round);
+/* GET /metrics: the text of metrics.h, malloc'd (agent/manager-metrics.c). */
+char *manager_metrics_text(Manager *m);
 
 /* The status document of contract section 7 (agent/status.c). */
 json_t *manager_status_json(Manager *m);

@@ -82,6 +82,8 @@ static NotifyRoute route_of(const char *path) {
                 return NOTIFY_ROUTE_STATUS;
         if (strcmp(path, "/healthz") == 0)
                 return NOTIFY_ROUTE_HEALTH;
+        if (strcmp(path, "/metrics") == 0)
+                return NOTIFY_ROUTE_METRICS;
         return NOTIFY_ROUTE_NONE;
 }
 
@@ -96,6 +98,7 @@ static const char *method_mismatch(NotifyRoute route, const char *method) {
                 return strcmp(m, "PATCH") == 0 ? NULL : allow_patch;
         case NOTIFY_ROUTE_STATUS:
         case NOTIFY_ROUTE_HEALTH:
+        case NOTIFY_ROUTE_METRICS:
                 return strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0 ? NULL : allow_get;
         default:
                 return NULL;
@@ -249,6 +252,7 @@ void notify_handle_request(const NotifyRequest *req, NotifyReply *r) {
                         return;
                 break;
         case NOTIFY_ROUTE_STATUS:
+        case NOTIFY_ROUTE_METRICS:
                 r->status = 200;
                 r->run_action = true;
                 return;

@@ -20,6 +20,7 @@ typedef enum NotifyRoute {
         NOTIFY_ROUTE_ENDPOINTS, /* PATCH /onboarding/api/agent/rabbitmq/endpoints */
         NOTIFY_ROUTE_STATUS,    /* GET /v1/status */
         NOTIFY_ROUTE_HEALTH,    /* GET /healthz */
+        NOTIFY_ROUTE_METRICS,   /* GET /metrics */
 } NotifyRoute;
 
 typedef struct NotifyRequest {
@@ -46,7 +47,8 @@ typedef struct NotifyReply {
         unsigned status; /* HTTP status; 0 after headers_only: go on reading the body */
         NotifyRoute route;
         /* 202 on notify/endpoints: the caller calls cb->notify with summary.
-         * 200 on status: the caller supplies the body (cb->status). */
+         * 200 on status and metrics: the caller supplies the body (cb->status,
+         * cb->metrics). */
         bool run_action;
         const char *allow;                /* the Allow header of a 405 */
         unsigned retry_after;             /* the Retry-After header of a 429; 0: none */

@@ -242,8 +242,24 @@ static enum MHD_Result on_accept(void *cls, const struct sockaddr *addr, socklen
 
 /* ---- responses --------------------------------------------------- */
 
-static enum MHD_Result respond(struct MHD_Connection *connection, unsigned status, char *body,
-                               const char *allow, unsigned retry_after) {
+/* Refusals by reason, for every listener of the process: a listener is
+ * made anew on a SIGHUP, and a counter must not go back to 0 then. The
+ * loop is single-threaded. */
+static uint64_t rejected_total[METRICS_REJECT_N];
+
+void notify_rejected_totals(uint64_t ret[METRICS_REJECT_N]) {
+        memcpy(ret, rejected_total, sizeof(rejected_total));
+}
+
+static void count_rejected(unsigned status) {
+        int i = metrics_reject_of_status(status);
+
+        if (i >= 0)
+                rejected_total[i]++;
+}
+
+static enum MHD_Result respond_typed(struct MHD_Connection *connection, unsigned status, char *body,
+                                     const char *allow, unsigned retry_after, const char *type) {
         struct MHD_Response *resp;
         enum MHD_Result ret;
         char buf[16];
@@ -257,7 +273,7 @@ static enum MHD_Result respond(struct MHD_Connection *connection, unsigned statu
                 free(body);
                 return MHD_NO;
         }
-        (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+        (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, type);
         (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
         if (allow)
                 (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, allow);
@@ -272,6 +288,11 @@ static enum MHD_Result respond(struct MHD_Connection *connection, unsigned statu
         ret = MHD_queue_response(connection, status, resp);
         MHD_destroy_response(resp);
         return ret;
+}
+
+static enum MHD_Result respond(struct MHD_Connection *connection, unsigned status, char *body,
+                               const char *allow, unsigned retry_after) {
+        return respond_typed(connection, status, body, allow, retry_after, "application/json");
 }
 
 static char *take_body(NotifyReply *r) {
@@ -298,6 +319,7 @@ static enum MHD_Result respond_plain(NotifyServer *s, struct MHD_Connection *con
         char peer[PEER_MAX];
 
         connection_peer(s, connection, peer, sizeof(peer));
+        count_rejected(r->status);
         if (r->status == 401) {
                 /* Spends a token of the failure bucket; when that was
                  * the last, the next guesses get 429 unread. */
@@ -316,11 +338,23 @@ static enum MHD_Result respond_action(NotifyServer *s, struct MHD_Connection *co
         unsigned retry_after = 0;
 
         connection_peer(s, connection, peer, sizeof(peer));
-        RateLimit *b = r->route == NOTIFY_ROUTE_STATUS ? &s->status_bucket : &s->notify_bucket;
+        /* A scrape shares the status bucket: both are reads. */
+        RateLimit *b = r->route == NOTIFY_ROUTE_NOTIFY || r->route == NOTIFY_ROUTE_ENDPOINTS
+                               ? &s->notify_bucket
+                               : &s->status_bucket;
         if (!bucket_take(s, b, &retry_after)) {
+                count_rejected(429);
                 log_rejected(s, LOG_NOTICE, peer, "rate limited");
                 return respond(connection, 429, strdup("{\"error\":\"too many requests\"}"), NULL,
                                retry_after);
+        }
+        if (r->route == NOTIFY_ROUTE_METRICS) {
+                char *text = s->cb.metrics ? s->cb.metrics(s, s->userdata) : NULL;
+
+                if (!text)
+                        return respond(connection, 503, strdup("{\"error\":\"metrics unavailable\"}"), NULL,
+                                       0);
+                return respond_typed(connection, 200, text, NULL, 0, METRICS_CONTENT_TYPE);
         }
         if (r->route == NOTIFY_ROUTE_STATUS) {
                 json_t *doc = s->cb.status ? s->cb.status(s, s->userdata) : NULL;

@@ -15,6 +15,7 @@
 #include <systemd/sd-event.h>
 
 #include "config.h"
+#include "metrics.h"
 #include "notify-request.h"
 
 typedef struct NotifyServer NotifyServer;
@@ -24,6 +25,9 @@ typedef struct NotifyCallbacks {
         void (*notify)(NotifyServer *s, const char *peer, const char *summary, void *userdata);
         /* Builds the status document (a new reference). */
         json_t *(*status)(NotifyServer *s, void *userdata);
+        /* Renders GET /metrics (metrics.h): a malloc'd string, NULL when
+         * it cannot. */
+        char *(*metrics)(NotifyServer *s, void *userdata);
 } NotifyCallbacks;
 
 /* Listens as configured ([notify] listen; or the socket passed by systemd
@@ -47,6 +51,10 @@ NotifyServer *notify_server_free(NotifyServer *s);
 bool notify_server_needs_restart(const Config *old_cfg, const Config *new_cfg);
 /* Token and allow list: they do not need a new socket. */
 int notify_server_reconfigure(NotifyServer *s, const Config *cfg);
+
+/* The requests refused so far by every listener of the process (the
+ * control socket's too), by reason, for GET /metrics. */
+void notify_rejected_totals(uint64_t ret[METRICS_REJECT_N]);
 
 /* Test seam, defined only by tests/tools/notify_drive (a weak symbol, NULL
  * in the daemon): maps the fd MHD reports for a new connection, so that a

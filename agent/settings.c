@@ -58,6 +58,8 @@ struct SettingsWriter {
         bool marker;      /* the marker file was written (and not yet removed) */
         int marker_error; /* last failure to write it, for logging once */
         int run_status;   /* last on_change result, for logging once */
+
+        uint64_t runs_ok, runs_failed; /* for GET /metrics */
         usec_t run_backoff;
         sd_event_source *run_timer;
 };
@@ -274,6 +276,7 @@ static void run_failed(SettingsWriter *w, int status, bool started) {
         int r;
 
         status_to_string(status, started, what, sizeof(what));
+        w->runs_failed++; /* one that could not start too */
         w->run_owed = true;
         w->run_backoff = backoff_next(w->run_backoff, BACKOFF_MIN_USEC, BACKOFF_MAX_USEC);
         log_full(status != w->run_status ? LOG_WARNING : LOG_DEBUG,
@@ -289,6 +292,7 @@ static void on_run_done(Runner *r, int status, void *userdata) {
         SettingsWriter *w = userdata;
 
         if (status == 0) {
+                w->runs_ok++;
                 if (w->run_status != 0)
                         log_info("on_change for epoch %" PRIu64 " succeeded", w->written.epoch);
                 else
@@ -303,6 +307,7 @@ static void on_run_done(Runner *r, int status, void *userdata) {
         } else {
                 char what[128];
                 status_to_string(status, true, what, sizeof(what));
+                w->runs_failed++;
                 log_info("on_change failed (%s); a newer change supersedes it", what);
         }
         if (w->run_owed)
@@ -594,4 +599,9 @@ bool settings_writer_busy(const SettingsWriter *w) {
 
 int settings_writer_error(const SettingsWriter *w) {
         return w ? w->error : 0;
+}
+
+void settings_writer_runs(const SettingsWriter *w, uint64_t *ret_ok, uint64_t *ret_failed) {
+        *ret_ok = w ? w->runs_ok : 0;
+        *ret_failed = w ? w->runs_failed : 0;
 }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <systemd/sd-event.h>
 
 #include "config.h"
@@ -46,3 +47,5 @@ int settings_writer_reconfigure(SettingsWriter *w, const Config *cfg);
 bool settings_writer_busy(const SettingsWriter *w);
 /* The last write error (negative errno) or 0; for STATUS= and status. */
 int settings_writer_error(const SettingsWriter *w);
+/* on_change runs by outcome; one that could not start counts as failed. */
+void settings_writer_runs(const SettingsWriter *w, uint64_t *ret_ok, uint64_t *ret_failed);

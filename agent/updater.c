@@ -74,6 +74,7 @@ struct Updater {
         void *userdata;
 
         UpdaterPhase phase;
+        uint64_t applies_ok, applies_failed; /* commands that ran or could not; GET /metrics */
         char last_error[GATE_REASON_MAX];
         AgentUpdate offer;  /* the one in flight, or verified (READY) */
         char dir[PATH_MAX]; /* download_dir at start: a reload may change it */
@@ -203,6 +204,8 @@ static void updater_fail(Updater *u, const char *fmt, ...) {
         backoff = backoff_usec(BACKOFF_FIRST_USEC, BACKOFF_MAX_USEC, s->failures);
         s->retry_not_before_usec = now_usec(CLOCK_REALTIME) + backoff;
 
+        if (u->phase == UPDATER_APPLYING)
+                u->applies_failed++;
         u->phase = UPDATER_FAILED;
         log_struct(LOG_WARNING, 0, MID_UPDATE_FAILED,
                    &(LogFields){.version = u->offer.version, .reason = u->last_error},
@@ -260,6 +263,7 @@ static void updater_applied(Updater *u) {
         s->retry_not_before_usec = 0;
         u->last_error[0] = 0;
         u->phase = UPDATER_IDLE;
+        u->applies_ok++;
 
         remove_old_packages(u->dir, base ? base + 1 : u->pkg_path);
         log_struct(LOG_NOTICE, 0, MID_UPDATE_APPLIED, &(LogFields){.version = u->offer.version},
@@ -315,12 +319,12 @@ static void updater_run_command(Updater *u) {
          * again; hand it the expected one. */
         snprintf(sha_env, sizeof(sha_env), "DSM_UPDATE_SHA256=%s", u->offer.sha256);
 
+        u->phase = UPDATER_APPLYING; /* a command that cannot start counts as failed */
         r = command_argv(u, &u->argv);
         if (r < 0) {
                 updater_fail(u, "command_failed: %s", strerror(-r));
                 return;
         }
-        u->phase = UPDATER_APPLYING;
         log_info("Applying Agent update %s: %s %s %s", u->offer.version, u->argv[0], u->pkg_path,
                  u->offer.version);
         r = runner_start(u->runner, u->argv, env, u->cfg->command_timeout, on_command_done, u);
@@ -794,4 +798,9 @@ int updater_read_installed(const Config *cfg, char *buf, size_t size) {
         memcpy(buf, data + start, end - start);
         buf[end - start] = 0;
         return 0;
+}
+
+void updater_applies(const Updater *u, uint64_t *ret_ok, uint64_t *ret_failed) {
+        *ret_ok = u ? u->applies_ok : 0;
+        *ret_failed = u ? u->applies_failed : 0;
 }

@@ -84,6 +84,8 @@ int updater_start(Updater *u, const AgentUpdate *offer, const char *trusted_api_
  * started is recorded like any failure (changed() runs) and 0 returned. */
 int updater_apply(Updater *u, const AgentUpdate *offer);
 UpdaterPhase updater_phase(const Updater *u);
+/* Update commands by outcome: exit 0, or not (a failed start included). */
+void updater_applies(const Updater *u, uint64_t *ret_ok, uint64_t *ret_failed);
 /* "sha256_mismatch", "command_failed: exit 3", ... for the status; "" none. */
 const char *updater_last_error(const Updater *u);
 /* Removes leftovers of an interrupted download at start. */
