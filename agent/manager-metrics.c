@@ -3,6 +3,8 @@
  * sync.c, refusals in notify.c, runs in settings.c and updater.c, the
  * connections in broker.c); a scrape copies them into a MetricsSnapshot
  * and formats it (metrics.c), nothing more. */
+#include <string.h>
+
 #include "manager.h"
 
 static const MetricsPoll poll_outcome[] = {
@@ -34,6 +36,11 @@ void manager_count_round(Manager *m, const PollRound *round) {
                                 (double) (now - m->metrics.round_started_usec) / (double) USEC_PER_SEC);
 }
 
+/* update.state of contract 8, every value. */
+static const char *const update_states[] = {
+        "disabled", "none", "installed", "held", "waiting", "downloading", "applying", "failed",
+};
+
 static void snapshot(Manager *m, MetricsSnapshot *s) {
         const Committed *c = &m->sync.state.committed;
 
@@ -48,15 +55,21 @@ static void snapshot(Manager *m, MetricsSnapshot *s) {
                 .notifies = m->counters.notifies,
                 .broker_connected = m->broker && broker_state(m->broker) == BROKER_CONNECTED,
                 .broker_reconnects = broker_reconnects(m->broker),
-                .update_state = m->sync.gate.state,
                 .last_commit_usec = m->sync.last_change_usec,
                 .last_good_poll_usec = m->metrics.last_good_poll_usec,
         };
         notify_rejected_totals(s->rejected);
         settings_writer_runs(m->settings, &s->on_change_ok, &s->on_change_failed);
         updater_applies(m->updater, &s->applies_ok, &s->applies_failed);
-        for (GateState g = GATE_DISABLED; g <= GATE_OPEN; g++)
-                s->update_states[s->n_update_states++] = gate_state_to_string(g);
+        const char *state = manager_update_state(m, NULL);
+
+        s->n_update_states = ELEMENTSOF(update_states);
+        s->update_state = SIZE_MAX; /* a state not listed: every series 0 */
+        for (size_t i = 0; i < ELEMENTSOF(update_states); i++) {
+                s->update_states[i] = update_states[i];
+                if (strcmp(state, update_states[i]) == 0)
+                        s->update_state = i;
+        }
         memcpy(s->warnings, m->metrics.warnings, sizeof(s->warnings));
 }
 

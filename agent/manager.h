@@ -125,5 +125,9 @@ void manager_count_round(Manager *m, const PollRound *round);
 /* GET /metrics: the text of metrics.h, malloc'd (agent/manager-metrics.c). */
 char *manager_metrics_text(Manager *m);
 
+/* update.state of contract 8: the gate's verdict, refined by what the
+ * updater is doing right now; *ret_reason (may be NULL) its reason, NULL
+ * when none (agent/status.c). */
+const char *manager_update_state(Manager *m, const char **ret_reason);
 /* The status document of contract section 7 (agent/status.c). */
 json_t *manager_status_json(Manager *m);

@@ -129,8 +129,7 @@ static const char *offered_version(const Manager *m) {
         return m->sync.have_offer ? m->sync.offer.version : NULL;
 }
 
-/* The gate's verdict, refined by what the updater is doing right now. */
-static json_t *update_json(Manager *m) {
+const char *manager_update_state(Manager *m, const char **ret_reason) {
         const char *state = gate_state_to_string(m->sync.gate.state);
         const char *reason = m->sync.gate.reason;
 
@@ -167,8 +166,16 @@ static json_t *update_json(Manager *m) {
                         break;
                 }
         }
-        return json_pack("{s:s, s:o, s:o, s:o}", "state", state ? state : "none", "reason",
-                         string_or_null(reason), "target", string_or_null(offered_version(m)), "installed",
+        if (ret_reason)
+                *ret_reason = reason;
+        return state ? state : "none";
+}
+
+static json_t *update_json(Manager *m) {
+        const char *reason, *state = manager_update_state(m, &reason);
+
+        return json_pack("{s:s, s:o, s:o, s:o}", "state", state, "reason", string_or_null(reason), "target",
+                         string_or_null(offered_version(m)), "installed",
                          string_or_null(m->sync.installed_version));
 }
 

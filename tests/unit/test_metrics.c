@@ -276,7 +276,8 @@ static int parse_exposition(const char *text) {
 
 /* ---- the tests ---- */
 
-static const char *const states[] = {"disabled", "none", "installed", "held", "waiting", "open"};
+static const char *const states[] = {"disabled", "none",        "installed", "held",
+                                     "waiting",  "downloading", "applying",  "failed"};
 
 static MetricsSnapshot sample(MetricsNodePolls *polls, size_t n) {
         MetricsSnapshot s = {
@@ -369,7 +370,9 @@ static const char expected[] =
         "dsm_agent_sync_update_state{state=\"installed\"} 0\n"
         "dsm_agent_sync_update_state{state=\"held\"} 0\n"
         "dsm_agent_sync_update_state{state=\"waiting\"} 0\n"
-        "dsm_agent_sync_update_state{state=\"open\"} 0\n"
+        "dsm_agent_sync_update_state{state=\"downloading\"} 0\n"
+        "dsm_agent_sync_update_state{state=\"applying\"} 0\n"
+        "dsm_agent_sync_update_state{state=\"failed\"} 0\n"
         "# HELP dsm_agent_sync_update_applies_total Update commands run, by outcome.\n"
         "# TYPE dsm_agent_sync_update_applies_total counter\n"
         "dsm_agent_sync_update_applies_total{outcome=\"ok\"} 0\n"
