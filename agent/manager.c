@@ -218,9 +218,11 @@ static void io_broker_move(void *userdata, const BrokerInfo *target) {
 
         if (!m->broker)
                 return;
-        /* A new connection is not a loss until it fails. */
-        m->broker_lost = false;
         (void) broker_set_target(m->broker, target);
+        /* A new connection is not a loss until it fails; the same broker,
+         * still refusing (or backing off), still is one. */
+        if (broker_state(m->broker) != BROKER_DOWN)
+                m->broker_lost = false;
 }
 
 static void io_read_installed(void *userdata, char *buf, size_t size) {
