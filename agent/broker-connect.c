@@ -455,7 +455,14 @@ static int attempt_setup(BrokerAttempt *a, amqp_connection_state_t conn, char *e
         r = setup_exchange(conn, p->exchange, err, errlen);
         if (r < 0)
                 return r;
-        return setup_consumer(conn, p->exchange, err, errlen);
+        r = setup_consumer(conn, p->exchange, err, errlen);
+        if (r < 0)
+                return r;
+        amqp_channel_open(conn, BROKER_PUBLISH_CHANNEL);
+        CHECK_RPC(conn, "channel.open (publishing)", err, errlen);
+        amqp_confirm_select(conn, BROKER_PUBLISH_CHANNEL);
+        CHECK_RPC(conn, "confirm.select", err, errlen);
+        return 0;
 }
 
 static void *attempt_run(void *userdata) {

@@ -1,6 +1,6 @@
 /* The blocking half of the broker connection: one connection attempt (TCP
  * connect, TLS handshake, AMQP login, channel open, exchange and queue
- * declare, bind, qos, consume) on a short-lived worker thread.
+ * declare, bind, qos, consume, the publishing channel in confirm mode) on a short-lived worker thread.
  *
  * librabbitmq's connection setup is a chain of blocking RPCs, and nothing
  * may stall the loop that runs synchronization, so each attempt gets a
@@ -18,8 +18,12 @@
 #include "provider.h"
 #include "util.h"
 
-#define BROKER_CHANNEL    1
-#define BROKER_REASON_MAX 256
+#define BROKER_CHANNEL 1
+/* Publishing (the convergence acknowledgement) has its own channel in
+ * confirm mode: a broker that refuses a publish closes that channel only,
+ * and consuming goes on. */
+#define BROKER_PUBLISH_CHANNEL 2
+#define BROKER_REASON_MAX      256
 
 /* What one attempt needs. The attempt keeps its own copy, so that the
  * worker shares nothing with the loop but the BrokerAttempt itself. */

@@ -94,6 +94,9 @@ struct Broker {
         usec_t heartbeat; /* negotiated, 0: off */
         usec_t last_rx;
         Delivery delivery;
+
+        bool publish_open;    /* the publishing channel is usable on this connection */
+        uint64_t publish_seq; /* the delivery tag of the last publish (per connection) */
 };
 
 /* ---- settings ---- */
@@ -160,6 +163,8 @@ static void broker_close_conn(Broker *b, bool graceful) {
         b->hb_send_source = sd_event_source_disable_unref(b->hb_send_source);
         b->hb_check_source = sd_event_source_disable_unref(b->hb_check_source);
         delivery_reset(&b->delivery);
+        b->publish_open = false;
+        b->publish_seq = 0;
         if (!b->conn)
                 return;
         if (graceful && broker_can_send(b)) {
@@ -365,7 +370,49 @@ static void broker_on_server_close(Broker *b, const amqp_frame_t *f) {
         }
 }
 
+/* The broker closed the publishing channel: it refused a publish (403: the
+ * user may not write to the exchange; 404: no such exchange). Consuming
+ * goes on; publishing waits for the next connection. */
+static void broker_on_publish_close(Broker *b, const amqp_frame_t *f) {
+        amqp_channel_close_t *m = f->payload.method.decoded;
+        amqp_channel_close_ok_t ok = {};
+        char reason[BROKER_REASON_MAX];
+
+        snprintf(reason, sizeof reason, "%u %.*s", m->reply_code, (int) m->reply_text.len,
+                 (const char *) m->reply_text.bytes);
+        if (broker_can_send(b))
+                (void) amqp_send_method(b->conn, BROKER_PUBLISH_CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        b->publish_open = false;
+        if (b->cb.publish_refused)
+                b->cb.publish_refused(b, reason, b->userdata);
+}
+
+static int broker_on_publish_method(Broker *b, const amqp_frame_t *f) {
+        switch (f->payload.method.id) {
+        case AMQP_BASIC_ACK_METHOD: {
+                amqp_basic_ack_t *m = f->payload.method.decoded;
+                if (b->cb.confirmed)
+                        b->cb.confirmed(b, m->delivery_tag, m->multiple, true, b->userdata);
+                return 0;
+        }
+        case AMQP_BASIC_NACK_METHOD: {
+                amqp_basic_nack_t *m = f->payload.method.decoded;
+                if (b->cb.confirmed)
+                        b->cb.confirmed(b, m->delivery_tag, m->multiple, false, b->userdata);
+                return 0;
+        }
+        case AMQP_CHANNEL_CLOSE_METHOD:
+                broker_on_publish_close(b, f);
+                return 0;
+        default:
+                log_debug("broker: ignoring method 0x%08x on the publishing channel", f->payload.method.id);
+                return 0;
+        }
+}
+
 static int broker_on_method(Broker *b, const amqp_frame_t *f) {
+        if (f->channel == BROKER_PUBLISH_CHANNEL)
+                return broker_on_publish_method(b, f);
         switch (f->payload.method.id) {
         case AMQP_BASIC_DELIVER_METHOD:
                 return broker_on_deliver(b, f->payload.method.decoded);
@@ -531,6 +578,8 @@ static void broker_connected(Broker *b, amqp_connection_state_t conn, usec_t ela
         b->failures = 0;
         b->loss_logged = false;
         b->connects++;
+        b->publish_open = true;
+        b->publish_seq = 0;
         snprintf(hostport, sizeof hostport, "%s:%u", t->host, t->port);
         log_struct(LOG_NOTICE, 0, MID_BROKER_CONNECTED, &(LogFields){.peer = hostport},
                    "broker %s%s connected, consuming from %s (setup %" PRIu64 " ms, heartbeat %" PRIu64
@@ -699,6 +748,40 @@ const char *broker_conn_state_to_string(BrokerConnState s) {
                 return "connected";
         }
         return "unknown";
+}
+
+int broker_publish(Broker *b, const BrokerInfo *target, const char *routing_key, const void *body,
+                   size_t len, uint64_t *ret_seq) {
+        amqp_basic_properties_t props = {
+                ._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG,
+                .content_type = amqp_cstring_bytes("application/json"),
+                .delivery_mode = AMQP_DELIVERY_NONPERSISTENT,
+        };
+        int r;
+
+        if (b->state != BROKER_CONNECTED || !b->conn)
+                return -ENOTCONN;
+        if (!broker_info_equal(&b->params.target, target))
+                return -ESTALE;
+        if (!b->publish_open)
+                return -EPERM;
+        if (!broker_can_send(b)) {
+                broker_lost(b, "broker not reading (send buffer full)", false);
+                return -EIO;
+        }
+        r = amqp_basic_publish(b->conn, BROKER_PUBLISH_CHANNEL, amqp_cstring_bytes(b->params.exchange),
+                               amqp_cstring_bytes(routing_key), 0, 0, &props,
+                               (amqp_bytes_t){.len = len, .bytes = (void *) body});
+        if (r != AMQP_STATUS_OK) {
+                broker_lost_status(b, "basic.publish", r);
+                return -EIO;
+        }
+        *ret_seq = ++b->publish_seq;
+        /* The library may have read frames while publishing (its heartbeat
+         * check): the socket will not say so, the drain will. */
+        if (amqp_frames_enqueued(b->conn) || amqp_data_in_buffer(b->conn))
+                (void) sd_event_source_set_enabled(b->drain_source, SD_EVENT_ONESHOT);
+        return 0;
 }
 
 uint64_t broker_reconnects(const Broker *b) {

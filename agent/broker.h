@@ -4,8 +4,9 @@
  * declares a server-named exclusive auto-delete queue bound to the events
  * exchange with provider.# and agent.#, consumes with acks, and reports
  * every well-formed event (provider_event_check(), as a hint) and every
- * loss. On loss or a failed attempt it closes, backs off with full jitter
- * and reconnects by itself.
+ * loss. It also publishes, on a second channel in confirm mode, the
+ * messages its user hands it (the convergence acknowledgement, ack.h). On loss or a failed attempt it
+ * closes, backs off with full jitter and reconnects by itself.
  *
  * One thread besides the loop's, briefly: librabbitmq's connection setup
  * blocks, and a blocking call must never stall synchronization, so each
@@ -37,6 +38,14 @@ typedef struct BrokerCallbacks {
         void (*event)(Broker *b, const char *routing_key, const void *body, size_t len, void *userdata);
         /* The connection state changed; reason is set for BROKER_DOWN. */
         void (*state_changed)(Broker *b, BrokerConnState state, const char *reason, void *userdata);
+        /* A publisher confirm for the publish numbered seq on the current
+         * connection (and, with multiple, every earlier one): ack true,
+         * or nack (the broker could not take it). */
+        void (*confirmed)(Broker *b, uint64_t seq, bool multiple, bool ack, void *userdata);
+        /* The broker refused a publish ("403 ACCESS_REFUSED - ..."): the
+         * publishing channel is closed until the next connection; consuming
+         * goes on. */
+        void (*publish_refused)(Broker *b, const char *reason, void *userdata);
 } BrokerCallbacks;
 
 int broker_new(sd_event *e, const Config *cfg, const BrokerCallbacks *cb, void *userdata, Broker **ret);
@@ -53,6 +62,14 @@ int broker_reconfigure(Broker *b, const Config *cfg);
  * arrive at the new broker in the same instant; a first target and the
  * current one again (after a loss) are tried at once. */
 int broker_set_target(Broker *b, const BrokerInfo *target);
+/* Publishes body on the exchange with routing_key, on the publishing
+ * channel (confirm mode), if the connection to target is up: *ret_seq is
+ * the number the confirm will carry. -ENOTCONN: not connected; -ESTALE:
+ * connected to another broker; -EPERM: a publish was refused on this
+ * connection; -EIO: the connection was lost (reported as usual). Never
+ * waits: a small message into a socket that poll() says can take it. */
+int broker_publish(Broker *b, const BrokerInfo *target, const char *routing_key, const void *body,
+                   size_t len, uint64_t *ret_seq);
 BrokerConnState broker_state(const Broker *b);
 const char *broker_conn_state_to_string(BrokerConnState s);
 /* Connections made after the first (losses healed, moves to a new

@@ -60,6 +60,10 @@ static void snapshot(Manager *m, MetricsSnapshot *s) {
         };
         notify_rejected_totals(s->rejected);
         settings_writer_runs(m->settings, &s->on_change_ok, &s->on_change_failed);
+        for (size_t i = 0; i < METRICS_ACK_N; i++)
+                s->acks[i] = ack_outcomes(m->ack, (AckOutcome) i);
+        s->ack_publishes = ack_publishes(m->ack);
+        s->acknowledged_epoch = ack_confirmed_epoch(m->ack);
         updater_applies(m->updater, &s->applies_ok, &s->applies_failed);
         const char *state = manager_update_state(m, NULL);
 

@@ -78,7 +78,7 @@ static void manager_schedule_next(Manager *m) {
         (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_ONESHOT);
 }
 
-static void manager_start_round(Manager *m) {
+void manager_start_round(Manager *m) {
         int r;
 
         (void) sd_event_source_set_enabled(m->poll_timer, SD_EVENT_OFF);
@@ -178,7 +178,7 @@ void manager_request_hint_round(Manager *m, const char *why) {
 /* ---- after a round: discovery ---- */
 
 /* Returns true when a target is new (not polled before and taken). */
-static bool manager_refresh_targets(Manager *m) {
+bool manager_refresh_targets(Manager *m) {
         const char *extra[DISCOVERY_MAX];
         PollRound round;
         size_t n;
@@ -385,7 +385,23 @@ static void on_broker_state(Broker *b, BrokerConnState state, const char *reason
                 m->fast_delay_usec = 0;
                 manager_schedule_next(m);
         }
+        ack_broker_state(m->ack, state);
         manager_send_status(m);
+}
+
+static void on_broker_confirmed(Broker *b, uint64_t seq, bool multiple, bool ok, void *userdata) {
+        Manager *m = userdata;
+        ack_confirmed(m->ack, seq, multiple, ok);
+}
+
+static void on_broker_publish_refused(Broker *b, const char *reason, void *userdata) {
+        Manager *m = userdata;
+        ack_refused(m->ack, reason);
+}
+
+static void on_settings_converged(const Committed *c, uint64_t written_at, void *userdata) {
+        Manager *m = userdata;
+        ack_converged(m->ack, c, written_at);
 }
 
 static void on_notify(NotifyServer *s, const char *peer, const char *summary, void *userdata) {
@@ -433,124 +449,8 @@ static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si,
         return sd_event_exit(m->event, 0);
 }
 
-static const NotifyCallbacks notify_callbacks = {
+const NotifyCallbacks manager_notify_callbacks = {
         .notify = on_notify, .status = on_status, .metrics = on_metrics};
-
-/* Makes the listener match new_cfg. When its socket must change, the new
- * one is opened first (a different address) so a bad new address leaves
- * the old listener in place; on the same address the old one must go
- * first, and comes back with old_cfg if the new one fails. */
-static int manager_reload_notify(Manager *m, const Config *old_cfg, const Config *new_cfg) {
-        NotifyServer *fresh = NULL;
-        bool same_addr = old_cfg->notify_enabled && new_cfg->notify_enabled &&
-                         streq_ptr(old_cfg->notify_listen, new_cfg->notify_listen);
-        int r;
-
-        if (m->notify && !notify_server_needs_restart(old_cfg, new_cfg))
-                return notify_server_reconfigure(m->notify, new_cfg);
-        if (!new_cfg->notify_enabled) {
-                m->notify = notify_server_free(m->notify);
-                return 0;
-        }
-        if (same_addr)
-                m->notify = notify_server_free(m->notify);
-        r = notify_server_new(m->event, new_cfg, &notify_callbacks, m, &fresh);
-        if (r < 0) {
-                if (same_addr && !m->notify)
-                        (void) notify_server_new(m->event, old_cfg, &notify_callbacks, m, &m->notify);
-                return r;
-        }
-        notify_server_free(m->notify);
-        m->notify = fresh;
-        return 0;
-}
-
-static int manager_reload(Manager *m) {
-        char err[CONFIG_ERROR_MAX];
-        Config *new_cfg = NULL, *old_cfg = m->config;
-        ControlServer *control = NULL;
-        bool state_moved = false, control_moved = false;
-        int r, new_lock = -1;
-
-        (void) sd_notify(false, "RELOADING=1");
-        r = config_load(old_cfg->path, &new_cfg, err, sizeof(err));
-        if (r >= 0 && strcmp(old_cfg->state_file, new_cfg->state_file) != 0) {
-                /* A moved state file is locked before anything uses it. */
-                char path[PATH_MAX];
-                pid_t holder = 0;
-
-                state_moved = true;
-                r = new_lock = lockfile_acquire(new_cfg->state_file, path, sizeof(path), &holder);
-                if (r < 0 && holder > 0)
-                        snprintf(err, sizeof(err),
-                                 "%s: [daemon] state_file %s is in use: lock %.200s is held by PID %ld",
-                                 new_cfg->path, new_cfg->state_file, path, (long) holder);
-                else if (r < 0)
-                        snprintf(err, sizeof(err),
-                                 "%s: [daemon] state_file %s cannot be locked (%.200s): %s", new_cfg->path,
-                                 new_cfg->state_file, path, strerror(-r));
-        }
-        /* A new control socket has another path: opened before the old one goes. */
-        if (r >= 0 && control_server_needs_restart(m->control, old_cfg, new_cfg)) {
-                control_moved = true;
-                r = control_server_new(m->event, new_cfg, &notify_callbacks, m, &control);
-                if (r < 0)
-                        snprintf(err, sizeof(err), "%s: [daemon] control_socket %s cannot be opened: %s",
-                                 new_cfg->path, new_cfg->control_socket, strerror(-r));
-        }
-        if (r >= 0) {
-                r = manager_reload_notify(m, old_cfg, new_cfg);
-                if (r < 0)
-                        snprintf(err, sizeof(err), "%s: [notify] listen %s cannot be opened: %s",
-                                 new_cfg->path, new_cfg->notify_listen, strerror(-r));
-        }
-        if (r < 0) {
-                /* Rejected whole: the old configuration stays in force. */
-                log_struct(LOG_ERR, 0, MID_CONFIG_REJECTED, &(LogFields){.reason = err},
-                           "Configuration rejected, keeping the old one: %s", err);
-                config_free(new_cfg);
-                control_server_free(control);
-                if (new_lock >= 0)
-                        close(new_lock);
-                (void) sd_notify(false, "READY=1");
-                return r;
-        }
-        if (state_moved) {
-                close(m->lock_fd);
-                m->lock_fd = new_lock;
-        }
-        if (control_moved) {
-                control_server_free(m->control);
-                m->control = control;
-        }
-
-        m->config = new_cfg;
-        log_setup(new_cfg->log_target, new_cfg->log_level);
-        /* The backoff was computed from the old intervals. */
-        m->fast_delay_usec = 0;
-
-        /* A round in flight is dropped and restarted below with the new
-         * targets and token. */
-        poller_abort(m->poller);
-        (void) sd_event_source_set_enabled(m->round_deadline, SD_EVENT_OFF);
-        (void) poller_reconfigure(m->poller, new_cfg);
-        (void) manager_refresh_targets(m);
-        (void) settings_writer_reconfigure(m->settings, new_cfg);
-        if (m->broker)
-                (void) broker_reconfigure(m->broker, new_cfg);
-        if (m->updater)
-                (void) updater_reconfigure(m->updater, new_cfg);
-        sync_reconfigure(&m->sync, new_cfg);
-        if (state_moved)
-                (void) sync_save_state(&m->sync);
-        config_free(old_cfg);
-
-        log_info("Configuration reloaded from %s", new_cfg->path);
-        (void) sd_notify(false, "READY=1");
-        manager_send_status(m);
-        manager_start_round(m);
-        return 0;
-}
 
 static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
         (void) manager_reload(userdata);
@@ -646,6 +546,26 @@ static int manager_add_signals(Manager *m) {
         return r;
 }
 
+/* The convergence acknowledgement, named by [daemon] agent_id or the
+ * machine id. Without either the daemon runs on, unacknowledged. */
+static int manager_add_ack(Manager *m) {
+        char id[CONFIG_AGENT_ID_MAX + 1];
+        int r;
+
+        if (m->config->agent_id)
+                strscpy(id, sizeof id, m->config->agent_id);
+        else if ((r = ack_default_agent_id(id, sizeof id)) < 0) {
+                log_warning_errno(r, "No machine id and no usable host name: set [daemon] agent_id; "
+                                     "convergence is not acknowledged to the Provider");
+                return 0;
+        }
+        r = ack_new(m->event, m->broker, id, &m->ack);
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the convergence acknowledgement");
+        settings_writer_set_converged(m->settings, on_settings_converged, m);
+        return 0;
+}
+
 static int manager_add_modules(Manager *m) {
         int r;
 
@@ -659,18 +579,24 @@ static int manager_add_modules(Manager *m) {
                 return 0;
 
         r = broker_new(m->event, m->config,
-                       &(BrokerCallbacks){.event = on_broker_event, .state_changed = on_broker_state}, m,
-                       &m->broker);
+                       &(BrokerCallbacks){.event = on_broker_event,
+                                          .state_changed = on_broker_state,
+                                          .confirmed = on_broker_confirmed,
+                                          .publish_refused = on_broker_publish_refused},
+                       m, &m->broker);
         if (r < 0)
                 return log_error_errno(r, "Cannot set up the broker connection");
+        r = manager_add_ack(m);
+        if (r < 0)
+                return r;
         if (m->config->notify_enabled) {
-                r = notify_server_new(m->event, m->config, &notify_callbacks, m, &m->notify);
+                r = notify_server_new(m->event, m->config, &manager_notify_callbacks, m, &m->notify);
                 if (r < 0)
                         return log_error_errno(r, "Cannot open the notify listener %s",
                                                m->config->notify_listen);
         }
         /* Before READY=1 (manager_run): dsm-agent-syncctl may ask at once. */
-        r = control_server_new(m->event, m->config, &notify_callbacks, m, &m->control);
+        r = control_server_new(m->event, m->config, &manager_notify_callbacks, m, &m->control);
         if (r < 0)
                 return log_error_errno(r, "Cannot open the control socket %s", m->config->control_socket);
         (void) updater_sweep(m->config);
@@ -746,6 +672,7 @@ Manager *manager_free(Manager *m) {
         updater_free(m->updater);
         notify_server_free(m->notify);
         control_server_free(m->control);
+        ack_free(m->ack);
         broker_free(m->broker);
         settings_writer_free(m->settings);
         poller_free(m->poller);

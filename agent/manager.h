@@ -11,6 +11,7 @@
 
 #include <jansson.h>
 
+#include "ack.h"
 #include "broker.h"
 #include "config.h"
 #include "control.h"
@@ -50,6 +51,7 @@ typedef struct Manager {
         Poller *poller;
         SettingsWriter *settings;
         Broker *broker;
+        Ack *ack; /* NULL: no agent id (or --once) */
         NotifyServer *notify;
         ControlServer *control; /* the local control socket; NULL when off */
         Updater *updater;
@@ -107,6 +109,18 @@ void manager_request_round(Manager *m, const char *why);
  * by a token bucket (4 at once, then 8 per second) so storms stay
  * cheap, and delayed by up to [provider] hint_spread when that is set. */
 void manager_request_hint_round(Manager *m, const char *why);
+
+/* ---- shared by the manager's files ---- */
+
+/* The notify listener's and the control socket's callbacks (agent/manager.c). */
+extern const NotifyCallbacks manager_notify_callbacks;
+/* Starts a poll round now (agent/manager.c). */
+void manager_start_round(Manager *m);
+/* Polls the nodes the cluster's list names; true when one is new. */
+bool manager_refresh_targets(Manager *m);
+/* SIGHUP: reads and applies the configuration, or rejects it whole and
+ * keeps the old one (agent/manager-reload.c). */
+int manager_reload(Manager *m);
 
 /* Logs a Provider node that starts or stops failing, not every failed poll
  * (agent/health.c). */

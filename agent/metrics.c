@@ -14,6 +14,9 @@ static const char *const poll_names[METRICS_POLL_N] = {"ok", "not_modified", "er
 static const char *const reject_names[METRICS_REJECT_N] = {
         "unauthorized", "rate_limited", "bad_request", "too_large", "not_found", "method_not_allowed",
 };
+static const char *const ack_names[METRICS_ACK_N] = {
+        "confirmed", "nacked", "refused", "superseded", "gave_up",
+};
 static const char *const warning_names[METRICS_WARNING_N] = {
         "stale_primary",        "conflict",          "cluster_size", "flapping",
         "settings_not_written", "state_not_written", "no_primary",
@@ -154,6 +157,12 @@ static void render(FILE *f, const MetricsSnapshot *s) {
         scalar(f, "broker_reconnects_total", "counter", "Broker connections made after the first.",
                s->broker_reconnects);
         pair(f, "on_change_runs_total", "on_change runs by outcome.", s->on_change_ok, s->on_change_failed);
+        by_label(f, "acks_total", "counter", "Convergence acknowledgements (fleet.agent.synced) by outcome.",
+                 "outcome", ack_names, s->acks, METRICS_ACK_N);
+        scalar(f, "ack_publishes_total", "counter", "Publishes of acknowledgements (resends included).",
+               s->ack_publishes);
+        scalar(f, "acknowledged_epoch", "gauge", "The epoch of the last confirmed acknowledgement; 0 none.",
+               s->acknowledged_epoch);
         update_state(f, s);
         pair(f, "update_applies_total", "Update commands run, by outcome.", s->applies_ok,
              s->applies_failed);

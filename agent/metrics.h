@@ -46,6 +46,16 @@ typedef enum MetricsWarning {
         METRICS_WARNING_N,
 } MetricsWarning;
 
+/* Convergence acknowledgements by outcome (agent/ack.h, same order). */
+typedef enum MetricsAck {
+        METRICS_ACK_CONFIRMED,
+        METRICS_ACK_NACKED,
+        METRICS_ACK_REFUSED,
+        METRICS_ACK_SUPERSEDED,
+        METRICS_ACK_GAVE_UP,
+        METRICS_ACK_N,
+} MetricsAck;
+
 /* The round duration histogram's upper bounds, seconds (+Inf implied). */
 #define METRICS_ROUND_BUCKETS 8
 extern const double metrics_round_buckets[METRICS_ROUND_BUCKETS];
@@ -72,6 +82,9 @@ typedef struct MetricsSnapshot {
         bool broker_connected;
         uint64_t broker_reconnects;
         uint64_t on_change_ok, on_change_failed;
+        uint64_t acks[METRICS_ACK_N];
+        uint64_t ack_publishes;
+        uint64_t acknowledged_epoch;                   /* of the last confirmed ack; 0 none */
         const char *update_states[METRICS_STATES_MAX]; /* every state of contract 8 */
         size_t n_update_states;
         size_t update_state; /* index of the current one */

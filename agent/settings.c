@@ -47,6 +47,9 @@ struct SettingsWriter {
         bool have_desired;
         Committed desired; /* what the file should say */
         Committed written; /* what it says, after a write or a match */
+        usec_t written_at; /* CLOCK_REALTIME of that write (or the file's mtime) */
+        SettingsConvergedFn converged;
+        void *converged_userdata;
 
         int error; /* last write error, 0 when the file is current */
         usec_t write_backoff;
@@ -288,6 +291,13 @@ static void run_failed(SettingsWriter *w, int status, bool started) {
                 log_error_errno(r, "Cannot arm the on_change retry timer");
 }
 
+/* The file describes `written` and the Agent has been told (on_change
+ * succeeded, or there is none). */
+static void report_converged(SettingsWriter *w) {
+        if (w->converged)
+                w->converged(&w->written, w->written_at, w->converged_userdata);
+}
+
 static void on_run_done(Runner *r, int status, void *userdata) {
         SettingsWriter *w = userdata;
 
@@ -299,8 +309,10 @@ static void on_run_done(Runner *r, int status, void *userdata) {
                         log_debug("on_change for epoch %" PRIu64 " succeeded", w->written.epoch);
                 w->run_status = 0;
                 w->run_backoff = 0;
-                if (!w->run_owed)
+                if (!w->run_owed) {
                         marker_clear(w);
+                        report_converged(w);
+                }
         } else if (!w->run_owed) {
                 run_failed(w, status, true);
                 return;
@@ -386,8 +398,10 @@ static void run_start(SettingsWriter *w) {
  * pending run of an older state. */
 static void run_request(SettingsWriter *w) {
         w->recover = false;
-        if (!w->on_change_argv)
+        if (!w->on_change_argv) {
+                report_converged(w);
                 return;
+        }
         if (!w->marker)
                 marker_set(w, w->written.epoch); /* a failed attempt before the rename */
         w->run_owed = true;
@@ -448,6 +462,7 @@ static void write_done(SettingsWriter *w, FileMatch before) {
         disarm_timer(w->write_timer);
         w->written = w->desired;
         if (before == FILE_DIFFERS) {
+                w->written_at = now_usec(CLOCK_REALTIME);
                 log_struct(LOG_INFO, 0, NULL,
                            &(LogFields){.epoch = w->desired.epoch, .primary_id = w->desired.primary.id},
                            "Settings file %s now points to %s:%u (primary %s, epoch %" PRIu64 ")", w->path,
@@ -461,6 +476,11 @@ static void write_done(SettingsWriter *w, FileMatch before) {
         /* The file already says what the owed run (from before the start)
          * was for: run it now, with this content's variables. */
         if (w->recover) {
+                struct stat st;
+
+                w->written_at = stat(w->path, &st) == 0 ? (usec_t) st.st_mtim.tv_sec * USEC_PER_SEC +
+                                                                  (usec_t) st.st_mtim.tv_nsec / 1000
+                                                        : now_usec(CLOCK_REALTIME);
                 log_info("Running the owed on_change for epoch %" PRIu64, w->written.epoch);
                 run_request(w);
         }
@@ -591,6 +611,11 @@ int settings_writer_reconfigure(SettingsWriter *w, const Config *cfg) {
         w->write_backoff = 0;
         disarm_timer(w->write_timer);
         return sync_file(w);
+}
+
+void settings_writer_set_converged(SettingsWriter *w, SettingsConvergedFn fn, void *userdata) {
+        w->converged = fn;
+        w->converged_userdata = userdata;
 }
 
 bool settings_writer_busy(const SettingsWriter *w) {

@@ -43,6 +43,12 @@ int settings_writer_apply(SettingsWriter *w, const Committed *c);
 /* A new Config (SIGHUP): rewrites at once if path, mode or content differ. */
 int settings_writer_reconfigure(SettingsWriter *w, const Config *cfg);
 
+/* Called when a rewrite is complete: the file describes c (written at
+ * written_at, CLOCK_REALTIME) and on_change succeeded for it, or none is
+ * set. Once per rewrite; a newer change supersedes a run still owed. */
+typedef void (*SettingsConvergedFn)(const Committed *c, uint64_t written_at, void *userdata);
+void settings_writer_set_converged(SettingsWriter *w, SettingsConvergedFn fn, void *userdata);
+
 /* True while a write is pending a retry or on_change runs or is owed. */
 bool settings_writer_busy(const SettingsWriter *w);
 /* The last write error (negative errno) or 0; for STATUS= and status. */

@@ -43,7 +43,8 @@ typedef enum KeyType {
         KEY_WINDOW,
         KEY_LOG_LEVEL,
         KEY_LOG_TARGET,
-        KEY_SOCKET, /* a Unix socket path, or "off" */
+        KEY_SOCKET,   /* a Unix socket path, or "off" */
+        KEY_AGENT_ID, /* 1-64 of [A-Za-z0-9._:-] */
 } KeyType;
 
 typedef struct KeyDef {
@@ -92,6 +93,7 @@ static const KeyDef keys[] = {
         {"daemon", "log_level", KEY_LOG_LEVEL, F(log_level), 0},
         {"daemon", "log_target", KEY_LOG_TARGET, F(log_target), 0},
         {"daemon", "control_socket", KEY_SOCKET, F(control_socket), 0},
+        {"daemon", "agent_id", KEY_AGENT_ID, F(agent_id), 0},
 };
 
 static const char *const sections[] = {"provider", "broker", "notify", "update", "daemon"};
@@ -538,6 +540,12 @@ static int parse_key(Parser *p, const KeyDef *k, const char *value) {
                 return parse_window_key(p, value);
         case KEY_SOCKET:
                 return parse_socket_key(p, k, value);
+        case KEY_AGENT_ID:
+                if (!config_agent_id_valid(value))
+                        return fail(p, p->line, -EINVAL,
+                                    "agent_id: '%.80s' is not 1-%d characters of A-Z a-z 0-9 . _ : -", value,
+                                    CONFIG_AGENT_ID_MAX);
+                return set_string(p, str, value);
         default:
                 return parse_scalar_key(p, k, value);
         }
@@ -787,6 +795,7 @@ Config *config_free(Config *c) {
         strv_free(c->update_command_argv);
         free(c->state_file);
         free(c->control_socket);
+        free(c->agent_id);
         free(c);
         return NULL;
 }

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <stdio.h>
+#include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -276,6 +277,17 @@ int read_secret_file(const char *path, char **ret) {
         *ret = strdup(buf);
         explicit_bzero(buf, sizeof(buf));
         return *ret ? 0 : -ENOMEM;
+}
+
+bool config_agent_id_valid(const char *s) {
+        size_t n = strlen(s);
+
+        if (n == 0 || n > CONFIG_AGENT_ID_MAX)
+                return false;
+        for (const char *c = s; *c; c++)
+                if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-", *c))
+                        return false;
+        return true;
 }
 
 int parse_bool(const char *s) {

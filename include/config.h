@@ -14,6 +14,7 @@
 /* The local control socket ([daemon] control_socket); /run/dsm-agent-sync
  * is the unit's RuntimeDirectory. */
 #define CONFIG_DEFAULT_CONTROL_SOCKET "/run/dsm-agent-sync/control.sock"
+#define CONFIG_AGENT_ID_MAX           64
 #define CONFIG_MAX_ENDPOINTS          16
 #define CONFIG_MAX_ALLOW              32
 #define CONFIG_MAX_ARGV               32
@@ -87,6 +88,7 @@ typedef struct Config {
         int log_level;    /* syslog priority, default LOG_INFO */
         LogTarget log_target;
         char *control_socket; /* default CONFIG_DEFAULT_CONTROL_SOCKET; NULL when off */
+        char *agent_id;       /* NULL: the machine id (resolved by the daemon) */
 } Config;
 
 /* Parses and validates FILE. On success *ret owns a new Config and 0 is
@@ -118,6 +120,9 @@ bool cidr_list_contains(const Cidr *list, size_t n, const struct sockaddr *addr)
 /* Splits s on whitespace into a NULL-terminated vector (strv_free), or
  * NULL when s holds no word; -E2BIG above CONFIG_MAX_ARGV words. */
 int parse_argv(const char *s, char ***ret);
+/* [daemon] agent_id: 1-CONFIG_AGENT_ID_MAX characters of A-Z a-z 0-9 . _ : -
+ * (it names the Agent in its acknowledgements; a machine id qualifies). */
+bool config_agent_id_valid(const char *s);
 /* true/yes/1/on -> 1, false/no/0/off -> 0 (any case); else -EINVAL. */
 int parse_bool(const char *s);
 /* An octal mode up to 07777 ("640", "0640"). */

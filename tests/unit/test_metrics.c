@@ -293,6 +293,13 @@ static MetricsSnapshot sample(MetricsNodePolls *polls, size_t n) {
                 .broker_reconnects = 1,
                 .on_change_ok = 3,
                 .on_change_failed = 1,
+                .acks = {[METRICS_ACK_CONFIRMED] = 4,
+                         [METRICS_ACK_NACKED] = 1,
+                         [METRICS_ACK_REFUSED] = 2,
+                         [METRICS_ACK_SUPERSEDED] = 3,
+                         [METRICS_ACK_GAVE_UP] = 0},
+                .ack_publishes = 8,
+                .acknowledged_epoch = 7,
                 .n_update_states = ELEMENTSOF(states),
                 .update_state = 1,
                 .applies_failed = 2,
@@ -363,6 +370,19 @@ static const char expected[] =
         "# TYPE dsm_agent_sync_on_change_runs_total counter\n"
         "dsm_agent_sync_on_change_runs_total{outcome=\"ok\"} 3\n"
         "dsm_agent_sync_on_change_runs_total{outcome=\"failed\"} 1\n"
+        "# HELP dsm_agent_sync_acks_total Convergence acknowledgements (fleet.agent.synced) by outcome.\n"
+        "# TYPE dsm_agent_sync_acks_total counter\n"
+        "dsm_agent_sync_acks_total{outcome=\"confirmed\"} 4\n"
+        "dsm_agent_sync_acks_total{outcome=\"nacked\"} 1\n"
+        "dsm_agent_sync_acks_total{outcome=\"refused\"} 2\n"
+        "dsm_agent_sync_acks_total{outcome=\"superseded\"} 3\n"
+        "dsm_agent_sync_acks_total{outcome=\"gave_up\"} 0\n"
+        "# HELP dsm_agent_sync_ack_publishes_total Publishes of acknowledgements (resends included).\n"
+        "# TYPE dsm_agent_sync_ack_publishes_total counter\n"
+        "dsm_agent_sync_ack_publishes_total 8\n"
+        "# HELP dsm_agent_sync_acknowledged_epoch The epoch of the last confirmed acknowledgement; 0 none.\n"
+        "# TYPE dsm_agent_sync_acknowledged_epoch gauge\n"
+        "dsm_agent_sync_acknowledged_epoch 7\n"
         "# HELP dsm_agent_sync_update_state The update gate's state (contract 8): 1 for the current one.\n"
         "# TYPE dsm_agent_sync_update_state gauge\n"
         "dsm_agent_sync_update_state{state=\"disabled\"} 0\n"
