@@ -93,6 +93,7 @@ struct Broker {
         sd_event_source *hb_check_source;
         usec_t heartbeat; /* negotiated, 0: off */
         usec_t last_rx;
+        usec_t last_tx; /* our last heartbeat */
         Delivery delivery;
 
         bool publish_open;    /* the publishing channel is usable on this connection */
@@ -487,6 +488,8 @@ static int on_drain(sd_event_source *s, void *userdata) {
         return 0;
 }
 
+static void broker_send_heartbeat(Broker *b, usec_t now);
+
 static int on_socket(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         Broker *b = userdata;
         uint64_t gen = b->conn_gen;
@@ -495,33 +498,59 @@ static int on_socket(sd_event_source *s, int fd, uint32_t revents, void *userdat
         (void) sd_event_now(b->event, CLOCK_MONOTONIC, &b->last_rx);
         broker_drain(b);
         if (gen == b->conn_gen && b->conn && (revents & (EPOLLHUP | EPOLLERR)) &&
-            sd_event_source_get_enabled(b->drain_source, NULL) == 0)
+            sd_event_source_get_enabled(b->drain_source, NULL) == 0) {
                 broker_lost(b, "socket error", false);
+                return 0;
+        }
+        if (gen == b->conn_gen && b->conn && b->heartbeat > 0 && b->last_rx >= b->last_tx + b->heartbeat / 4)
+                broker_send_heartbeat(b, b->last_rx);
         return 0;
 }
 
-static int on_heartbeat_send(sd_event_source *s, uint64_t usec, void *userdata) {
-        Broker *b = userdata;
+/* Our heartbeats ride on the broker's: it sends one every half heartbeat,
+ * and when one wakes us and a quarter heartbeat has passed since our last
+ * send, ours goes out in the same wakeup. The send timer, 3/4 heartbeat
+ * after our last send, is the fallback for a broker that has gone quiet;
+ * while the broker talks it never fires, so an idle daemon wakes up only
+ * for the broker's heartbeats and its own poll rounds. rabbitmq-c's own
+ * deadline (one heartbeat after the last send) never passes, so it never
+ * sends one itself inside a frame read (and blocks there on a full
+ * socket). Each send also pushes the receive check out to last_rx + 2
+ * heartbeats: a silent broker is still declared lost exactly 2 heartbeats
+ * after its last byte. */
+static usec_t heartbeat_send_interval(const Broker *b) {
+        return b->heartbeat / 4 * 3;
+}
+
+static void broker_send_heartbeat(Broker *b, usec_t now) {
         amqp_frame_t f = {.frame_type = AMQP_FRAME_HEARTBEAT, .channel = 0};
         int r;
 
-        /* A peer that has stopped reading for half a heartbeat is lost: the
-         * library would otherwise send its own heartbeat inside the next
-         * frame read and block there on the full socket. */
+        /* A peer that has stopped reading is lost: the library would
+         * otherwise send its own heartbeat inside the next frame read and
+         * block there on the full socket. */
         if (!broker_can_send(b)) {
                 broker_lost(b, "broker not reading (send buffer full)", false);
-                return 0;
+                return;
         }
         r = amqp_send_frame(b->conn, &f);
         if (r != AMQP_STATUS_OK) {
                 broker_lost_status(b, "heartbeat", r);
-                return 0;
+                return;
         }
-        (void) sd_event_source_set_time(s, usec + b->heartbeat / 2);
+        b->last_tx = now;
+        (void) sd_event_source_set_time(b->hb_send_source, now + heartbeat_send_interval(b));
+        (void) sd_event_source_set_time(b->hb_check_source, b->last_rx + 2 * b->heartbeat);
+}
+
+static int on_heartbeat_send(sd_event_source *s, uint64_t usec, void *userdata) {
+        Broker *b = userdata;
+
+        broker_send_heartbeat(b, usec);
         return 0;
 }
 
-/* Fires at last_rx + 2 heartbeats; re-arms itself while data keeps coming. */
+/* Fires at last_rx + 2 heartbeats (pushed out by every send tick). */
 static int on_heartbeat_check(sd_event_source *s, uint64_t usec, void *userdata) {
         Broker *b = userdata;
         usec_t deadline = b->last_rx + 2 * b->heartbeat;
@@ -541,7 +570,7 @@ static int broker_watch(Broker *b) {
         usec_t now;
 
         (void) sd_event_now(b->event, CLOCK_MONOTONIC, &now);
-        b->last_rx = now;
+        b->last_rx = b->last_tx = now;
         b->heartbeat = (usec_t) amqp_get_heartbeat(b->conn) * USEC_PER_SEC;
         r = sd_event_add_io(b->event, &b->io_source, fd, EPOLLIN, on_socket, b);
         if (r >= 0)
@@ -549,8 +578,8 @@ static int broker_watch(Broker *b) {
         if (r >= 0)
                 r = sd_event_source_set_enabled(b->drain_source, SD_EVENT_OFF);
         if (r >= 0 && b->heartbeat > 0)
-                r = sd_event_add_time(b->event, &b->hb_send_source, CLOCK_MONOTONIC, now + b->heartbeat / 2,
-                                      USEC_PER_MSEC, on_heartbeat_send, b);
+                r = sd_event_add_time(b->event, &b->hb_send_source, CLOCK_MONOTONIC,
+                                      now + heartbeat_send_interval(b), USEC_PER_MSEC, on_heartbeat_send, b);
         if (r >= 0 && b->heartbeat > 0)
                 r = sd_event_add_time(b->event, &b->hb_check_source, CLOCK_MONOTONIC, now + 2 * b->heartbeat,
                                       USEC_PER_MSEC, on_heartbeat_check, b);

@@ -184,8 +184,11 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userdata) {
                 return sd_event_source_set_enabled(g->timer, SD_EVENT_OFF) < 0 ? -1 : 0;
 
         /* 0 means "as soon as possible"; curl must not be re-entered from
-         * here, so the loop's next iteration does it. */
-        when = now_usec(CLOCK_MONOTONIC) + (uint64_t) timeout_ms * USEC_PER_MSEC;
+         * here, so the loop's next iteration does it. A time already past
+         * (1 us after boot) makes that iteration poll without sleeping;
+         * "now" plus the timer's accuracy would cost an extra wakeup a
+         * millisecond later at the start of every round. */
+        when = timeout_ms == 0 ? 1 : now_usec(CLOCK_MONOTONIC) + (uint64_t) timeout_ms * USEC_PER_MSEC;
         r = sd_event_source_set_time(g->timer, when);
         if (r >= 0)
                 r = sd_event_source_set_enabled(g->timer, SD_EVENT_ONESHOT);
