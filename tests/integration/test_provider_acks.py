@@ -280,16 +280,16 @@ def test_brokers_down_never_stop_the_simulator(sim_factory):
     assert "Traceback" not in s.log_text()
 
 
-def _daemon_acks(daemon_factory):
+def _daemon_acks(daemon_factory, sim):
     """True when the daemon knows [daemon] agent_id (it publishes acks)."""
-    probe = daemon_factory(start=False, overrides={"daemon": {"agent_id": "probe"}})
+    probe = daemon_factory(sim=sim, start=False, overrides={"daemon": {"agent_id": "probe"}})
     return probe.run("--check-config").returncode == 0
 
 
 def test_real_daemon_acks_and_is_notified_when_it_missed_a_promote(acksim, rabbit_ok, daemon_factory):
-    if not _daemon_acks(daemon_factory):
-        pytest.skip("this daemon has no [daemon] agent_id (does not publish acks yet)")
     s, (a, b) = acksim, rabbit_ok
+    if not _daemon_acks(daemon_factory, s):
+        pytest.skip("this daemon has no [daemon] agent_id (does not publish acks yet)")
     d = daemon_factory(sim=s, overrides={"daemon": {"agent_id": "agent-real"}})
     s.register_agent("agent-real", d.base_url(), d.notify_token)
     one = wait_count(s, 1, 1, timeout=20)["agents"]["agent-real"]
