@@ -176,7 +176,8 @@ bench: deps
 # The whole product live on loopback (tests/demo.py): real RabbitMQ nodes, the
 # Provider HA cluster simulator, AGENTS dsm-agent-syncd daemons (default 1).
 #   make demo             one agent, the story step by step
-#   make demo AGENTS=50   a fleet, with convergence percentiles per step
+#   make demo AGENTS=50   a fleet, with convergence percentiles per step and, after
+#                         each promote, how many Agents acknowledged it to the Provider
 AGENTS ?= 1
 demo: deps
 	$(MAKE) all $(TOOLS)

@@ -11,12 +11,15 @@ story and checks every step against the contract:
   2  planned promote of p2, with an event
   3  the Primary p2 dies (API and broker); p3 is promoted, the event is lost
   4  the old Primary p2 comes back stale and is ignored
-  5  an agent is stopped during a promote, started again, and notified
+  5  a few agents are stopped during a promote, started again, and the
+     Provider API notifies exactly those that did not acknowledge
   6  a Provider software update node by node; the agent update is held until
      every node runs the new version, then applied exactly once
 
 Exit status 0 when every step behaved as described, 1 with a clear message
-otherwise, 130 on Ctrl-C. Everything it starts is stopped by PID, also on
+otherwise, 130 on Ctrl-C. After each commit the Provider (the simulator's
+ack ledger, tests/provider_acks.py) shows how many Agents acknowledged the
+new epoch on the Primary's broker and when the last one did. Everything it starts is stopped by PID, also on
 failure and on Ctrl-C; nothing is written outside its temporary directory
 (removed at the end unless --keep or a failure).
 
@@ -108,7 +111,7 @@ class Agent:
     """A dsm-agent-syncd with its own dir, config and recorder scripts."""
 
     def __init__(self, name, workdir, sim, brokers_user, jitter):
-        self.name = name
+        self.name = name  # also its [daemon] agent_id
         overrides = {
             "provider": {
                 "endpoints": ", ".join(sim.urls[k] for k in sorted(sim.urls)),
@@ -120,7 +123,7 @@ class Agent:
             },
             "broker": {"username": brokers_user, "heartbeat": "2s", "on_change_timeout": "5s"},
             "update": {"command_timeout": "10s", "max_delay": "0s", "stable_rounds": "2"},
-            "daemon": {"log_level": "info", "log_target": "stderr"},
+            "daemon": {"log_level": "info", "log_target": "stderr", "agent_id": name},
         }
         self.d = Daemon(workdir, sim=sim, overrides=overrides, notify_token=NOTIFY_TOKEN,
                         provider_token=PROVIDER_TOKEN, agent_version=OLD_VERSION)
@@ -290,6 +293,33 @@ class Demo:
             return ""
         return "p50 %d / p90 %d / max %d ms" % (ms(pct(v, 50)), ms(pct(v, 90)), ms(max(v)))
 
+    def wait_acks(self, epoch, agents, timeout):
+        """Polls the Provider's ack ledger until each of agents acknowledged
+        epoch, or timeout. Returns (ledger answer, names acknowledged)."""
+        names = {a.name for a in agents}
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.sim.acks(epoch)
+            have = names & set(got["agents"])
+            if have == names or time.monotonic() >= deadline:
+                return got, have
+            time.sleep(0.05)
+
+    def report_acks(self, what, epoch, node_id, agents, since, timeout=10):
+        """Prints 'what (epoch E): n/N Agents acknowledged, last after X ms'
+        (X from since, wall clock) once agents all acknowledged; fails
+        naming those that did not within timeout."""
+        got, have = self.wait_acks(epoch, agents, timeout)
+        recs = [got["agents"][n] for n in sorted(have)]
+        last = ", last after %d ms" % ms(max(r["received_at"] for r in recs) - since) if recs else ""
+        self.tl.more("%s (epoch %d): %d/%d Agents acknowledged%s"
+                     % (what, epoch, len(got["agents"]), self.n, last))
+        missing = sorted({a.name for a in agents} - have)
+        check(not missing, "no ack of epoch %d within %ds from %s" % (epoch, timeout, ", ".join(missing[:10])))
+        wrong = [n for n in have if got["agents"][n]["primary_id"] != node_id]
+        check(not wrong, "acks of epoch %d name another Primary than %s: %s" % (epoch, node_id, wrong[:5]))
+        return got
+
     def took(self, times):
         return max(times.values()) if times else None
 
@@ -349,7 +379,8 @@ class Demo:
         t = time.monotonic()
         self.sim = Sim.start(token=PROVIDER_TOKEN, workdir=os.path.join(self.tmp, "provider"),
                              brokers={nid: (b.host, b.port) for nid, b in self.brokers.items()},
-                             extra_args=["--provider-version", OLD_VERSION])
+                             extra_args=["--provider-version", OLD_VERSION, "--acks"])
+        self.sim.wait_acks_bound(15)
         st = self.sim.state()
         check(st["primary_id"] == "p1" and st["epoch"] == 1, "simulator did not start with p1 at epoch 1")
         self.tl.line("setup", "Provider p1 (Primary) p2 p3 + load balancer",
@@ -359,10 +390,12 @@ class Demo:
         # The agents.
         t = time.monotonic()
         for i in range(self.n):
-            name = "agent-%d" % (i + 1)
+            name = "agent-%03d" % (i + 1)
             wd = os.path.join(self.tmp, "agents", name) if self.n > 1 else os.path.join(self.tmp, "agent")
             self.agents.append(Agent(name, wd, self.sim, "guest", self.jitter()))
+            self.sim.register_agent(name, self.agents[-1].d.base_url(), NOTIFY_TOKEN)
         self.t_agents = time.monotonic()
+        self.t_agents_wall = time.time()
         for a in self.agents:
             a.spawned = time.time()
             a.d.start(wait=False)
@@ -387,6 +420,7 @@ class Demo:
             self.tl.more("from exec to settings file written: " + self.spread(times))
         self.wait_status_all(self.agents, self.connected_to("p1", 1), 15, "broker connected to p1's broker")
         self.tl.line("1", "", "broker_connection connected to %s" % self.bname("p1"))
+        self.report_acks("initial sync", 1, "p1", self.agents, self.t_agents_wall)
         for a in self.agents:
             s = a.settings()
             check(s["rabbitmq"]["host"] == "127.0.0.1" and s["rabbitmq"]["vhost"] == "/"
@@ -395,7 +429,7 @@ class Demo:
 
     def step2_planned_promote(self):
         before = {a: st["counters"]["events"] for a, st in self.fleet_status().items()}
-        t = time.monotonic()
+        t, t_wall = time.monotonic(), time.time()
         res = self.sim.promote("p2", event=True)
         check(res["epoch"] == 2, "promote p2: %r" % res)
         check(res.get("published", {}).get("p1") == "ok",
@@ -409,6 +443,7 @@ class Demo:
         conn = self.wait_status_all(self.agents, self.connected_to("p2", 2), 10,
                                     "broker connected to p2's broker", start=t)
         self.tl.line("2", "", "broker moved to %s, connected" % self.bname("p2"), self.took(conn))
+        self.report_acks("promote p2", 2, "p2", self.agents, t_wall)
         st = self.fleet_status()
         woke = sum(1 for a in self.agents if st[a]["counters"]["events"] > before[a])
         check(woke == self.n, "only %d/%d agents counted the event" % (woke, self.n))
@@ -427,7 +462,7 @@ class Demo:
         lost = self.wait_status_all(self.agents, lambda st: st["broker_connection"] != "connected", 10,
                                     "broker loss detected", start=t)
         self.tl.line("3", "", "broker loss detected -> fast poll (200ms, x2)", self.took(lost))
-        t = time.monotonic()
+        t, t_wall = time.monotonic(), time.time()
         res = self.sim.promote("p3", event=True)
         pub = res.get("published", {})
         check(res["epoch"] == 3, "promote p3: %r" % res)
@@ -446,6 +481,7 @@ class Demo:
         conn = self.wait_status_all(self.agents, self.connected_to("p3", 3), 10,
                                     "broker connected to p3's broker", start=t)
         self.tl.line("3", "", "broker moved to %s, connected" % self.bname("p3"), self.took(conn))
+        self.report_acks("promote p3", 3, "p3", self.agents, t_wall)
         st = self.fleet_status()
         heard = [a.name for a in self.agents if st[a]["counters"]["events"] != before[a]]
         check(not heard, "agents %s counted an event, but the event was lost" % heard)
@@ -480,32 +516,47 @@ class Demo:
         self.tl.line("4", "operator resyncs p2: Standby at epoch 3", "stale warning cleared",
                      self.took(gone))
 
+    def stopped_few(self):
+        """The agents step 5 stops: a few (1 to 5), spread over the fleet."""
+        k = max(1, min(5, self.n // 10))
+        return [self.agents[(2 * j + 1) * self.n // (2 * k)] for j in range(k)]
+
     def step5_agent_down_during_promote(self):
-        a1 = self.agents[0]
-        others = self.agents[1:]
+        down = self.stopped_few()
+        a1 = down[0]
+        others = [a for a in self.agents if a not in down]
+        who = a1.name if len(down) == 1 else "%d agents" % len(down)
         t = time.monotonic()
-        rc = a1.d.stop(timeout=10)
-        check(rc == 0, "%s: SIGTERM gave exit status %r (want 0)" % (a1.name, rc))
-        self.tl.line("5", "%s stopped (SIGTERM)" % a1.name, "exit status 0", time.monotonic() - t)
-        t = time.monotonic()
+        for a in down:
+            rc = a.d.stop(timeout=10)
+            check(rc == 0, "%s: SIGTERM gave exit status %r (want 0)" % (a.name, rc))
+        self.tl.line("5", "%s stopped by PID (SIGTERM)" % who, "exit status 0", time.monotonic() - t)
+        if len(down) > 1:
+            self.tl.more("stopped: " + " ".join(a.name for a in down))
+        t, t_wall = time.monotonic(), time.time()
         res = self.sim.promote("p1", event=True)
         check(res["epoch"] == 4 and res.get("published", {}).get("p3") == "ok",
               "promote p1: %r" % res)
-        self.tl.line("5", "planned promote of p1 (event) while %s is down" % a1.name,
+        self.tl.line("5", "planned promote of p1 (event) while %s %s down"
+                     % (who, "is" if len(down) == 1 else "are"),
                      "published on %s" % self.bname("p3"), time.monotonic() - t)
         if others:
             times = self.wait_all(others, self.on_primary("p1", 4), 10, "settings on p1 epoch 4", start=t)
             self.tl.line("5", "", "%d running agents: event -> p1 epoch 4" % len(others), self.took(times))
             if self.spread(times):
                 self.tl.more("convergence: " + self.spread(times))
-        check(self.on_primary("p3", 3)(a1), "%s's settings changed while it was stopped" % a1.name)
+        got = self.report_acks("promote p1", 4, "p1", others, t_wall)
+        names = {a.name for a in down}
+        check(not names & set(got["agents"]), "a stopped agent acknowledged epoch 4: %r" % got["agents"])
+        for a in down:
+            check(self.on_primary("p3", 3)(a), "%s's settings changed while it was stopped" % a.name)
         time.sleep(0.3)
         t = time.monotonic()
-        a1.d.start(wait=False)
-        times = self.wait_all([a1], self.on_primary("p1", 4), 10, "settings on p1 epoch 4", start=t)
-        self.tl.line("5", "%s started again (missed the event)" % a1.name,
-                     "start-up round -> settings p1 epoch 4", self.took(times))
-        a1.d.wait_ready(10)
+        for a in down:
+            a.d.start(wait=False)
+        for a in down:
+            a.d.wait_ready(10)
+        self.notify_unacked(down, t)
         n0 = a1.status()["counters"]
         t = time.monotonic()
         r = subprocess.run([daemon_mod.CTL_BIN, "-c", a1.config, "notify"], stdin=subprocess.DEVNULL,
@@ -520,6 +571,40 @@ class Demo:
                      "202 -> round ran; already on p1, no change", self.took(done))
         self.wait_status_all(self.agents, self.connected_to("p1", 4), 10, "broker connected to p1's broker")
         self.tl.line("5", "", "all agents connected to %s" % self.bname("p1"))
+
+    def notify_unacked(self, down, t_start):
+        """The stopped agents were just started again: the Provider API
+        notifies every registered Agent without an ack of epoch 4, which
+        must be exactly those of down whose start-up round has not been
+        acknowledged yet; then their acks arrive."""
+        t, t_wall = time.monotonic(), time.time()
+        res = self.sim.notify_unacked(4)
+        took = time.monotonic() - t
+        times = self.wait_all(down, self.on_primary("p1", 4), 10, "settings on p1 epoch 4", start=t_start)
+        self.tl.line("5", "%s started again (missed the event)"
+                     % (down[0].name if len(down) == 1 else "%d agents" % len(down)),
+                     "start-up round -> settings p1 epoch 4", self.took(times))
+        notified = res["notified"]
+        names = {a.name for a in down}
+        check(set(notified) <= names, "notify_unacked notified running agents: %r" % notified)
+        early = self.sim.acks(4)["agents"]
+        for n in names - set(notified):
+            check(n in early and early[n]["received_at"] <= t_wall + took,
+                  "%s was neither acknowledged nor notified: %r" % (n, res))
+        bad = {n: c for n, c in res["results"].items() if c != 202}
+        check(not bad, "notify answers: %r" % bad)
+        self.tl.line("5", "Provider API notifies the Agents without an ack",
+                     "%d/%d Agents notified (exactly the unacked): 202" % (len(notified), self.n), took)
+        self.tl.more("notified: " + (" ".join(sorted(notified)) or "none"))
+        healed = sorted(names - set(notified))
+        if healed:
+            self.tl.more("already acknowledged before the notify (start-up round): " + " ".join(healed))
+        got, have = self.wait_acks(4, down, 10)
+        after = [got["agents"][n]["received_at"] for n in notified if n in have]
+        self.tl.more("%d/%d acknowledged after notify%s"
+                     % (len(after), len(notified),
+                        ", last after %d ms" % ms(max(after) - t_wall) if after else ""))
+        check(have == names, "no ack of epoch 4 within 10s from %s" % ", ".join(sorted(names - have)))
 
     def step6_update(self):
         data = (b"dsm-agent %s package (demo)\n" % NEW_VERSION.encode()) * 64
@@ -610,6 +695,13 @@ class Demo:
         self.tl.line("6", "", "command ran exactly once per agent; installed %s" % NEW_VERSION,
                      time.monotonic() - t)
 
+    def ledger_summary(self):
+        led = self.sim.acks()
+        self.tl.line("end", "Provider ack ledger: acks per epoch",
+                     " ".join("%s:%d" % kv for kv in sorted(led["epochs"].items(), key=lambda kv: int(kv[0])))
+                     + ", %d duplicates, %d malformed" % (led["duplicates"], led["malformed"]))
+        check(led["malformed"] == 0, "the Provider saw %d malformed acks" % led["malformed"])
+
     def final_status(self):
         a1 = self.agents[0]
         r = subprocess.run([daemon_mod.CTL_BIN, "-c", a1.config, "status"], stdin=subprocess.DEVNULL,
@@ -630,6 +722,7 @@ class Demo:
         self.step4_stale_primary()
         self.step5_agent_down_during_promote()
         self.step6_update()
+        self.ledger_summary()
         self.final_status()
 
     # ----- teardown ------------------------------------------------------------------

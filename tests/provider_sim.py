@@ -47,6 +47,18 @@ Operations (POST body fields in brackets):
   publish      {node, routing_key, body | json}
   reset_counters {}
 
+Convergence acknowledgements (with --acks; tests/provider_acks.py): a
+consumer on every distinct broker of the nodes records the Agents'
+fleet.agent.synced messages per epoch.
+  acks         {epoch?}                 {epoch, count, first_at, last_at, agents,
+                                        malformed, duplicates, consumers}; without
+                                        epoch, the count of every epoch
+  register_agent {agent_id, notify_url, token}  where the Provider notifies it
+  agents       {}                       the registered Agents (no tokens)
+  notify_unacked {epoch}                POST /v1/notify to each registered Agent
+                                        with no ack for epoch (or a later one):
+                                        {notified: [ids], results: {id: status}}
+
 Run with --help for the command line. At start the program prints one JSON
 line on stdout: {"nodes": {"p1": "http://127.0.0.1:PORT", ...},
 "load_balancer": "http://...", "control": "http://...", "pid": N}.
@@ -69,6 +81,8 @@ import sys
 import threading
 import time
 import urllib.parse
+
+import provider_acks
 
 EXCHANGE = "dsm.provider.events"
 FAIL_MODES = ("none", "500", "malformed", "wrong_type", "huge", "reset", "304")
@@ -294,7 +308,7 @@ class ProviderSim:
                  control_port=0, token="", brokers=None, vhost="/", tls=False,
                  version="9.0.1", epoch=1, primary="p1", lb_policy="round_robin",
                  broker_user="guest", broker_password="guest", verbose=False,
-                 publish_timeout=3.0):
+                 publish_timeout=3.0, acks=False):
         if not 1 <= n_nodes <= 9:
             raise ValueError("nodes must be 1..9")
         self.lock = threading.RLock()
@@ -331,6 +345,8 @@ class ProviderSim:
         self.events = collections.deque(maxlen=REQUEST_LOG_MAX)  # publish results
         self._huge_cache = None
         self._threads = []
+        self.ledger = provider_acks.AckLedger(self._ack_brokers, broker_user, broker_password,
+                                              EXCHANGE) if acks else None
 
     # ----- lifecycle -------------------------------------------------------
 
@@ -349,6 +365,8 @@ class ProviderSim:
         self.control_server = _Server((self.host, self.control_port), _ControlHandler, self)
         self.control_port = self.control_server.server_address[1]
         self._threads.append(self._serve_thread(self.control_server, "control"))
+        if self.ledger is not None:
+            self.ledger.start()
         return self.endpoints()
 
     def _url(self, port):
@@ -387,6 +405,8 @@ class ProviderSim:
 
     def stop(self):
         self.stopping.set()
+        if self.ledger is not None:
+            self.ledger.stop()
         for n in self.nodes.values():
             self._unlisten(n)
         for srv in (self.lb_server, self.control_server):
@@ -822,6 +842,29 @@ class ProviderSim:
             log_ = list(self._node(node_id).request_log)
         return log_[-int(limit):] if limit else log_
 
+    # ----- convergence acknowledgements (tests/provider_acks.py) -------------
+
+    def _ack_brokers(self):
+        with self.lock:
+            return [dict(n.broker) for n in self.nodes.values()]
+
+    def _acks_on(self):
+        if self.ledger is None:
+            raise ValueError("acks are off: start the simulator with --acks")
+        return self.ledger
+
+    def acks(self, epoch=None):
+        return self._acks_on().acks(epoch)
+
+    def register_agent(self, agent_id, notify_url, token):
+        return self._acks_on().register_agent(agent_id, notify_url, token)
+
+    def agents(self):
+        return self._acks_on().agents()
+
+    def notify_unacked(self, epoch):
+        return self._acks_on().notify_unacked(epoch)
+
     OPERATIONS = {
         "promote": ("node", "event"), "kill": ("node",), "start": ("node",),
         "sync": ("node",), "revive_stale": ("node",), "conflict": ("node",),
@@ -831,7 +874,8 @@ class ProviderSim:
         "withdraw_update": (), "drop_package": ("version",),
         "set_broker": ("node", "host", "port", "vhost", "tls"), "set_token": ("token",),
         "publish": ("node", "routing_key", "body"), "reset_counters": (),
-        "state": (),
+        "state": (), "acks": ("epoch",), "register_agent": ("agent_id", "notify_url", "token"),
+        "agents": (), "notify_unacked": ("epoch",),
     }
 
     def control(self, name, args):
@@ -896,6 +940,8 @@ def main(argv=None):
     ap.add_argument("--provider-version", default="9.0.1", help="every node's version at start (default 9.0.1)")
     ap.add_argument("--epoch", type=int, default=1, help="epoch at start (default 1)")
     ap.add_argument("--primary", default="p1", help="Primary at start (default p1)")
+    ap.add_argument("--acks", action="store_true",
+                    help="consume the Agents' fleet.agent.synced acks on every node's broker")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every request on stderr")
     args = ap.parse_args(argv)
 
@@ -918,7 +964,7 @@ def main(argv=None):
                       brokers=dict(args.broker), vhost=args.vhost, tls=args.tls,
                       version=args.provider_version, epoch=args.epoch, primary=args.primary,
                       lb_policy=args.lb_policy, broker_user=args.broker_user,
-                      broker_password=password, verbose=args.verbose)
+                      broker_password=password, verbose=args.verbose, acks=args.acks)
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -6,6 +6,8 @@ client for its control API with the simulator's method names.
     s.lb_url, s.control_url, s.token, s.token_file
     s.promote("p2"); s.kill("p1"); s.state()
     s.get_state("p1")           # (status, headers, parsed JSON or bytes) as a client
+    s.acks(5); s.register_agent("agent-001", url, token); s.notify_unacked(5)
+                                # with extra_args=["--acks"] (tests/provider_acks.py)
     s.stop()                    # SIGTERM, bounded wait, SIGKILL
 """
 
@@ -216,6 +218,32 @@ class Sim:
 
     def reset_counters(self):
         return self.call("reset_counters")
+
+    # Convergence acknowledgements (the simulator started with --acks).
+
+    def acks(self, epoch=None):
+        return self.call("acks") if epoch is None else self.call("acks", epoch=epoch)
+
+    def register_agent(self, agent_id, notify_url, token):
+        return self.call("register_agent", agent_id=agent_id, notify_url=notify_url, token=token)
+
+    def agents(self):
+        return self.call("agents")
+
+    def notify_unacked(self, epoch):
+        return self.call("notify_unacked", epoch=epoch)
+
+    def wait_acks_bound(self, timeout=10.0):
+        """Waits until the ack consumer of every broker is bound; returns the
+        consumers. Raises TimeoutError naming the others."""
+        deadline = time.monotonic() + timeout
+        while True:
+            cons = self.acks()["consumers"]
+            if cons and all(c["state"] == "bound" for c in cons):
+                return cons
+            if time.monotonic() >= deadline:
+                raise TimeoutError("ack consumers not bound within %.1fs: %r" % (timeout, cons))
+            time.sleep(0.05)
 
     # ----- acting as a Provider client (for tests of the simulator) -----------
 
