@@ -156,8 +156,10 @@ check: deps
 	$(MAKE) unit
 	$(MAKE) sim-check
 ifneq ($(SANITIZE),1)
-	# The soak test also runs the daemon built with ASan+UBSan.
-	$(MAKE) SANITIZE=1 BUILD=build-san all
+	# The unit suites again under ASan+UBSan; the soak test also runs the
+	# daemon built with them.
+	$(MAKE) SANITIZE=1 BUILD=build-san all $(patsubst $(BUILD)/%,build-san/%,$(UNIT_TESTS))
+	$(MAKE) SANITIZE=1 BUILD=build-san unit
 endif
 	$(MAKE) fuzz FUZZ_TIME=$(CHECK_FUZZ_TIME)
 	$(MAKE) integration PYTEST_ARGS='$(PYTEST_ARGS) --ignore=tests/integration/test_systemd.py'

@@ -237,7 +237,8 @@ static bool parse_sample(Parser *ps, const char *line) {
         ps->cur = f;
         if (ps->n_series == MAX_SERIES)
                 return false;
-        snprintf(ps->series[ps->n_series], SERIES_MAX, "%s{%s}", name, canon);
+        if (snprintf(ps->series[ps->n_series], SERIES_MAX, "%s{%s}", name, canon) >= SERIES_MAX)
+                return false; /* a series this long is not ours */
         for (size_t i = 0; i < ps->n_series; i++)
                 if (strcmp(ps->series[i], ps->series[ps->n_series]) == 0)
                         return false; /* a series twice */
@@ -465,7 +466,7 @@ static void test_label_escaping(void **state) {
 static void test_node_table_bounded(void **state) {
         MetricsNodePolls polls[3];
         size_t n = 0;
-        char id[8];
+        char id[16];
 
         for (int i = 0; i < 10; i++) {
                 snprintf(id, sizeof(id), "n%d", i);
