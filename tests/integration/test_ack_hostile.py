@@ -1,0 +1,166 @@
+"""A hostile broker against the convergence acknowledgement's channel and
+the piggybacked heartbeats (review of issue 15's ack and issue 14's idle
+wakeups). A frame-aware proxy (tests/harness/amqp_proxy.py) sits between
+the real daemon (or tests/broker_drive) and a real RabbitMQ node and cuts
+the connection on a publish, injects frames on the publishing channel
+(channel 2), or withholds or adds the broker's heartbeats.
+"""
+
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import amqp_proxy as ap  # noqa: E402
+from test_acks import OVERRIDES, metric, wait_metric  # noqa: E402
+from test_broker_drive import DRIVE, PRIMARY_CHANGED, PUBLISH, Drive, publish  # noqa: E402
+
+ACK_SENDS_MAX = 5  # agent/ack.h
+EXCHANGE = "dsm.provider.events"
+BASIC_PUBLISH, BASIC_DELIVER = (60, 40), (60, 60)
+
+needs_tools = pytest.mark.skipif(not (os.access(DRIVE, os.X_OK) and os.access(PUBLISH, os.X_OK)),
+                                 reason="broker_drive or amqp_publish not built")
+
+
+def note(msg):
+    sys.stderr.write("[test_ack_hostile] %s\n" % msg)
+
+
+@pytest.fixture
+def proxy(rabbit_ok):
+    made = []
+
+    def make(node):
+        p = ap.AmqpProxy(node.host, node.port)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+def drives():
+    made = []
+
+    def make(*a):
+        d = Drive(*a)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+# ---- the ack path ------------------------------------------------------------
+
+
+@needs_tools
+def test_unexpected_frames_on_the_publishing_channel_change_nothing(rabbit_ok, proxy, drives):
+    """Confirms for tags never published, a channel.close-ok nobody asked
+    for, a channel.flow, a basic.return with content: ignored; consuming
+    and the connection go on."""
+    node = rabbit_ok[0]
+    p = proxy(node)
+    d = drives(p.host, p.port, "-H", "2")
+    d.wait("state connected", 10)
+    p.inject_s2c(ap.basic_ack(2, 999) + ap.basic_ack(2, 0, multiple=True) + ap.basic_nack(2, 7, multiple=True)
+                 + ap.method_frame(2, 20, 41) + ap.method_frame(2, 20, 20, b"\x00")
+                 + ap.basic_return(2, 312, "NO_ROUTE", EXCHANGE, "x") + ap.header_frame(2, 3)
+                 + ap.body_frame(2, b"abc"))
+    time.sleep(0.5)
+    publish(node, "provider.primary.changed", PRIMARY_CHANGED)
+    _, line = d.wait("event ", 10)
+    assert line == "event provider.primary.changed " + PRIMARY_CHANGED, line
+    assert not [x for x in d.drain(0.5) if x.startswith("state")]
+
+
+# ---- heartbeats --------------------------------------------------------------
+
+
+def gaps(frames):
+    ts = [f.t for f in frames]
+    return [b - a for a, b in zip(ts, ts[1:])]
+
+
+@needs_tools
+@pytest.mark.parametrize("hb", [1, 2])
+def test_heartbeats_on_time_and_a_silent_broker_is_lost_at_two(rabbit_ok, proxy, drives, hb):
+    """While the broker talks ours ride on its heartbeats (every hb/2);
+    when it goes silent but keeps the TCP connection, ours still go out at
+    least every 3/4 hb (RabbitMQ drops a client after 2-3 silent
+    intervals), and the broker is declared lost 2 heartbeats after its
+    last byte, not later."""
+    node = rabbit_ok[0]
+    p = proxy(node)
+    d = drives(p.host, p.port, "-H", str(hb))
+    t_conn, _ = d.wait("state connected", 10)
+    time.sleep(3 * hb)
+    ours = p.seen("c2s", ftype=ap.HEARTBEAT, since=t_conn)
+    g = gaps(ours)
+    note("hb %ds talking: %d of ours, gaps %s" % (hb, len(ours), ["%.2f" % x for x in g]))
+    assert g and max(g) <= 0.75 * hb + 0.15, g
+    assert min(g) >= 0.25 * hb - 0.05, g
+
+    p.drop_s2c = lambda f: True  # silent, connection kept
+    t_quiet = time.monotonic()
+    t_down, line = d.wait("state down", 4 * hb + 5)
+    last_rx = max([f.t for f in p.seen("s2c") if f.t <= t_quiet] or [t_quiet])
+    ours = p.seen("c2s", ftype=ap.HEARTBEAT, since=t_quiet)
+    g = gaps([f for f in p.seen("c2s", ftype=ap.HEARTBEAT) if f.t >= last_rx - 0.75 * hb])
+    note("hb %ds silent: down after %.2f s (%s), ours %s" % (hb, t_down - last_rx, line,
+                                                             ["%.2f" % x for x in g]))
+    assert "heartbeat timeout" in line, line
+    assert 2 * hb - 0.1 <= t_down - last_rx <= 2 * hb + 0.5, t_down - last_rx
+    assert g and max(g) <= 0.75 * hb + 0.15, g
+
+
+@needs_tools
+def test_a_chatty_broker_does_not_make_us_chatty(rabbit_ok, proxy, drives):
+    """A broker that sends heartbeats every 50 ms: ours still go at most
+    every hb/4."""
+    node = rabbit_ok[0]
+    p = proxy(node)
+    d = drives(p.host, p.port, "-H", "2")
+    t_conn, _ = d.wait("state connected", 10)
+    stop = threading.Event()
+
+    def chatter():
+        while not stop.wait(0.05):
+            try:
+                p.inject_s2c(ap.frame(ap.HEARTBEAT, 0, b""))
+            except AssertionError:
+                return
+
+    th = threading.Thread(target=chatter, daemon=True)
+    th.start()
+    try:
+        time.sleep(4)
+    finally:
+        stop.set()
+        th.join()
+    ours = p.seen("c2s", ftype=ap.HEARTBEAT, since=t_conn + 0.1)
+    g = gaps(ours)
+    note("chatty broker: %d of ours in 4 s, min gap %.2f" % (len(ours), min(g) if g else -1))
+    assert len(ours) <= 4 / 0.5 + 1, len(ours)
+    assert g and min(g) >= 0.5 - 0.05, g
+    assert not [x for x in d.drain(0.3) if x.startswith("state down")]
+
+
+@needs_tools
+def test_heartbeat_off(rabbit_ok, proxy, drives):
+    node = rabbit_ok[0]
+    p = proxy(node)
+    d = drives(p.host, p.port, "-H", "0")
+    t_conn, _ = d.wait("state connected", 10)
+    time.sleep(3)
+    assert p.seen(ftype=ap.HEARTBEAT, since=t_conn) == []
+    assert not [x for x in d.drain(0.3) if x.startswith("state")]
