@@ -4,7 +4,8 @@
  * broker up) published -> confirmed | nacked (sent again after a backoff,
  * ACK_SENDS_MAX in all) | refused (dropped) | the connection went down
  * before the confirm (sent again once it is up: the Provider may then see
- * it twice, and keeps one per agent and epoch) | a newer commit (replaced).
+ * it twice, and keeps one per agent and epoch; these publishes count
+ * towards ACK_SENDS_MAX too) | a newer commit (replaced).
  * Nothing here waits on the broker; nothing here affects synchronization. */
 
 #include <errno.h>
@@ -128,6 +129,18 @@ static void ack_try_send(Ack *a) {
 
         if (!a->have || a->in_flight || a->retry_source)
                 return;
+        /* Each of those publishes cost the connection (lost before its
+         * confirm): a publish that breaks the connection every time must
+         * not bring it down for ever, each time after the shortest
+         * reconnect backoff, with a fast poll of the Provider. */
+        if (a->sends >= ACK_SENDS_MAX) {
+                log_warning("Acknowledgement of epoch %" PRIu64 " given up: no confirm from broker %s:%u "
+                            "after %u publishes (the connection was lost each time)",
+                            a->commit.epoch, a->commit.broker.host, a->commit.broker.port, a->sends);
+                ack_count(a, ACK_GAVE_UP);
+                ack_drop(a);
+                return;
+        }
         r = broker_publish(a->broker, &a->commit.broker, ACK_ROUTING_KEY, a->body, strlen(a->body), &a->seq);
         if (r == -EPERM) {
                 log_warning("Acknowledgement of epoch %" PRIu64 " not sent: broker %s:%u refused publishing "

@@ -20,7 +20,8 @@
 #include "state.h"
 
 #define ACK_ROUTING_KEY "fleet.agent.synced"
-/* Publishes of one acknowledgement before it is given up (nacks). */
+/* Publishes of one acknowledgement before it is given up (nacked, or the
+ * connection lost before the confirm). */
 #define ACK_SENDS_MAX 5
 
 /* The same order as MetricsAck (agent/metrics.h). */

@@ -63,6 +63,33 @@ def drives():
 # ---- the ack path ------------------------------------------------------------
 
 
+def test_a_publish_that_costs_the_connection_is_given_up(sim_factory, rabbit_ok, proxy, daemon_factory):
+    """Something between the daemon and the broker (or the broker itself)
+    drops the connection whenever the ack is published. Each reconnect
+    comes after the shortest backoff (the connection came up, so the
+    broker's backoff starts over) and each loss makes the daemon poll the
+    Provider fast: the ack must not turn this into a reconnect storm. At
+    most ACK_SENDS_MAX publishes, then it is given up, and the connection
+    stays up."""
+    p = proxy(rabbit_ok[0])
+    p.kill_on = lambda f: f.channel == 2 and f.method == BASIC_PUBLISH
+    sim = sim_factory(brokers={nid: (p.host, p.port) for nid in ("p1", "p2", "p3")})
+    o = {k: dict(v) for k, v in OVERRIDES.items()}
+    o["daemon"] = {"agent_id": "agent-cut"}
+    d = daemon_factory(sim=sim, overrides=o)
+    d.wait_for_primary("p1", epoch=1, timeout=15)
+    time.sleep(10)
+    note("10 s: %d connections, %d cut on a publish" % (p.connections(), p.killed))
+    assert p.killed <= ACK_SENDS_MAX, (p.killed, p.connections())
+    assert p.connections() <= ACK_SENDS_MAX + 1, p.connections()
+    wait_metric(d, "acks_total", 1, outcome="gave_up")
+    assert metric(d, "ack_publishes_total") == ACK_SENDS_MAX
+    d.wait_for_status(lambda s: s["broker_connection"] == "connected", timeout=10)
+    n = p.connections()
+    time.sleep(2)
+    assert p.connections() == n
+
+
 @needs_tools
 def test_unexpected_frames_on_the_publishing_channel_change_nothing(rabbit_ok, proxy, drives):
     """Confirms for tags never published, a channel.close-ok nobody asked

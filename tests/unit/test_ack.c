@@ -211,6 +211,31 @@ static void test_lost_before_the_confirm_is_sent_again(void **state) {
         assert_int_equal(ack_publishes(f->a), 2);
 }
 
+/* A publish that costs the connection every time (a broker or a middlebox
+ * that drops the connection on it): each reconnect must not send it again
+ * for ever, each time after the shortest reconnect backoff (the connection
+ * came up, so the broker's backoff starts over). ACK_SENDS_MAX publishes
+ * in all, as for nacks, then it is given up. */
+static void test_lost_after_every_publish_is_given_up(void **state) {
+        Fixture *f = *state;
+        Committed c = commit(11, "p2", "b2");
+
+        fake.answer = 0;
+        ack_converged(f->a, &c, 1);
+        for (int i = 0; i < 3 * ACK_SENDS_MAX; i++) {
+                ack_broker_state(f->a, BROKER_DOWN);
+                ack_broker_state(f->a, BROKER_CONNECTING);
+                ack_broker_state(f->a, BROKER_CONNECTED);
+        }
+        assert_int_equal(ack_publishes(f->a), ACK_SENDS_MAX);
+        assert_int_equal(ack_outcomes(f->a, ACK_GAVE_UP), 1);
+        assert_int_equal(ack_confirmed_epoch(f->a), 0);
+        /* The next commit is tried again. */
+        c.epoch = 12;
+        ack_converged(f->a, &c, 2);
+        assert_int_equal(ack_publishes(f->a), ACK_SENDS_MAX + 1);
+}
+
 static void test_nacks_are_retried_then_given_up(void **state) {
         Fixture *f = *state;
         Committed c = commit(6, "p2", "b2");
@@ -280,6 +305,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_waits_for_the_connection, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_lost_before_the_confirm_is_sent_again, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_nacks_are_retried_then_given_up, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_lost_after_every_publish_is_given_up, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_refusal_drops_it, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_newer_commit_supersedes, setup, teardown),
         };
