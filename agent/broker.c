@@ -438,10 +438,12 @@ static int broker_on_frame(Broker *b, const amqp_frame_t *f) {
         switch (f->frame_type) {
         case AMQP_FRAME_METHOD:
                 return broker_on_method(b, f);
+        /* Content on the publishing channel (a basic.return) may come
+         * between a delivery's frames: it is not the delivery's. */
         case AMQP_FRAME_HEADER:
-                return broker_on_header(b, f);
+                return f->channel == BROKER_CHANNEL ? broker_on_header(b, f) : 0;
         case AMQP_FRAME_BODY:
-                return broker_on_body(b, f);
+                return f->channel == BROKER_CHANNEL ? broker_on_body(b, f) : 0;
         default:
                 return 0; /* heartbeats: last_rx is already updated */
         }

@@ -91,6 +91,34 @@ def test_a_publish_that_costs_the_connection_is_given_up(sim_factory, rabbit_ok,
 
 
 @needs_tools
+def test_content_on_the_publishing_channel_is_not_taken_for_an_event(rabbit_ok, proxy, drives):
+    """A basic.return (method, header, body) on channel 2 that arrives
+    between a delivery's method and its header on channel 1 (frames of
+    different channels may interleave): the content frames belong to
+    channel 2 and must not be taken for the delivery's."""
+    node = rabbit_ok[0]
+    p = proxy(node)
+    forged = b'{"epoch": 99, "primary_id": "px", "api_url": "https://px.example:8443"}'
+
+    def extra(f):
+        if f.channel == 1 and f.method == BASIC_DELIVER:
+            return [ap.basic_return(2, 312, "NO_ROUTE", EXCHANGE, "fleet.agent.synced"),
+                    ap.header_frame(2, len(forged)), ap.body_frame(2, forged)]
+        return []
+
+    p.s2c_extra = extra
+    d = drives(p.host, p.port, "-H", "2")
+    d.wait("state connected", 10)
+    publish(node, "provider.primary.changed", PRIMARY_CHANGED)
+    _, line = d.wait("event ", 10)
+    assert line == "event provider.primary.changed " + PRIMARY_CHANGED, line
+    publish(node, "provider.primary.changed", PRIMARY_CHANGED)
+    _, line = d.wait("event ", 10)
+    assert line == "event provider.primary.changed " + PRIMARY_CHANGED, line
+    assert not [x for x in d.drain(0.5) if x.startswith("state down")]
+
+
+@needs_tools
 def test_unexpected_frames_on_the_publishing_channel_change_nothing(rabbit_ok, proxy, drives):
     """Confirms for tags never published, a channel.close-ok nobody asked
     for, a channel.flow, a basic.return with content: ignored; consuming
