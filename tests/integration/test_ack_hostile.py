@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import amqp_proxy as ap  # noqa: E402
 from test_acks import OVERRIDES, metric, wait_metric  # noqa: E402
-from test_broker_drive import DRIVE, PRIMARY_CHANGED, PUBLISH, Drive, publish  # noqa: E402
+from test_broker_drive import DRIVE, PRIMARY_CHANGED, PUBLISH, drives, publish  # noqa: E402,F401 (drives: a fixture)
 
 ACK_SENDS_MAX = 5  # agent/ack.h
 EXCHANGE = "dsm.provider.events"
@@ -44,20 +44,6 @@ def proxy(rabbit_ok):
     yield make
     for p in made:
         p.close()
-
-
-@pytest.fixture
-def drives():
-    made = []
-
-    def make(*a):
-        d = Drive(*a)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
 
 
 # ---- the ack path ------------------------------------------------------------
