@@ -15,11 +15,30 @@ request as one up node, round-robin or random):
                                         ETag; 304 on If-None-Match)
   GET /api/v1/agent/packages/<version>  the bytes registered by offer_update
 
+The nodes and the load balancer are served by one event loop in one thread
+(tests/provider_http.py): thousands of keep-alive connections, TCP_NODELAY,
+a listen backlog of 4096, and each node's state answer rendered once per
+change of what it reports. The control API has a thread per connection, so
+a slow operation (publishing an event) never holds up the nodes.
+
 Control API (JSON over HTTP on --control-port, loopback only):
 
   GET  /state                           the whole simulated cluster
   GET  /requests?node=p1&limit=50       the last requests a node served
+  GET  /stats                           the load the nodes and the LB served
   POST /<operation>  {json arguments}   -> {"ok": true, "result": ...}
+
+GET /stats counts the requests on the node listeners and the load balancer
+since start or the last reset_counters:
+  {"since": unix time of the last reset,
+   "requests": {"total": N, "by_node": {"p1": n, ..., "lb": n}},
+   "latency_ms": {"count": n, "p50": x, "p90": x, "p99": x, "max": x},
+   "per_second": [[unix_second, requests], ...]}
+by_node is by listener (a request through the LB counts under "lb").
+latency_ms is the simulator's own service time, from the request head fully
+read to the whole answer written to the socket, to 1 %; hung and slow
+requests are counted but not timed (null figures when nothing was timed).
+per_second lists the seconds that had requests, the last hour at most.
 
 Operations (POST body fields in brackets):
   promote      {node, event=true}       epoch += 1, node becomes Primary; up,
@@ -45,7 +64,7 @@ Operations (POST body fields in brackets):
   set_broker   {node, host, port, vhost?, tls?}
   set_token    {token}
   publish      {node, routing_key, body | json}
-  reset_counters {}
+  reset_counters {}                     also resets GET /stats
 
 Convergence acknowledgements (with --acks; tests/provider_acks.py): a
 consumer on every distinct broker of the nodes records the Agents'
@@ -66,6 +85,7 @@ SIGTERM or SIGINT stops it cleanly.
 """
 
 import argparse
+import asyncio
 import base64
 import collections
 import hashlib
@@ -73,16 +93,16 @@ import http.server
 import json
 import os
 import random
+import resource
 import signal
 import socket
-import socketserver
-import struct
 import sys
 import threading
 import time
 import urllib.parse
 
 import provider_acks
+import provider_http
 
 EXCHANGE = "dsm.provider.events"
 FAIL_MODES = ("none", "500", "malformed", "wrong_type", "huge", "reset", "304")
@@ -117,10 +137,10 @@ class Node:
         self.slow = 0.0
         self.lag = False
         # Runtime.
-        self.server = None
-        self.thread = None
+        self.server = None  # its provider_http.Listener while listening
         self.generation = 0  # bumped at every kill: releases hung handlers
-        self.conns = set()
+        self.hung = set()  # futures of hung requests, woken on a change
+        self.rendered = None  # (document generation, mode, body, etag)
         self.counters = collections.Counter()
         self.request_log = collections.deque(maxlen=REQUEST_LOG_MAX)
 
@@ -137,25 +157,21 @@ class Node:
 
 
 class _Server(http.server.ThreadingHTTPServer):
+    """The control API: a thread per connection (operations may block on
+    publishing; the node listeners are on the event loop, unaffected)."""
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, addr, handler, sim, node=None, lb=False):
+    def __init__(self, addr, handler, sim):
         self.sim = sim
-        self.node = node
-        self.is_lb = lb
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         super().__init__(addr, handler)
 
 
-class _ResetConnection(Exception):
-    pass
-
-
-class _BaseHandler(http.server.BaseHTTPRequestHandler):
+class _ControlHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "dsm-provider-sim/1.0"
     disable_nagle_algorithm = True  # TCP_NODELAY on every accepted socket
@@ -168,7 +184,7 @@ class _BaseHandler(http.server.BaseHTTPRequestHandler):
     def handle(self):
         try:
             super().handle()
-        except (_ResetConnection, ConnectionError, socket.timeout, OSError):
+        except (ConnectionError, socket.timeout, OSError):
             self.close_connection = True
 
     def send_all(self, status, body=b"", headers=None, content_type="application/json"):
@@ -196,45 +212,6 @@ class _BaseHandler(http.server.BaseHTTPRequestHandler):
             raise ValueError("body too large")
         return self.rfile.read(n) if n else b""
 
-
-class _NodeHandler(_BaseHandler):
-    def setup(self):
-        super().setup()
-        node = self.server.node
-        if node is not None:
-            with self.server.sim.lock:
-                node.conns.add(self.connection)
-
-    def finish(self):
-        try:
-            super().finish()
-        finally:
-            node = self.server.node
-            if node is not None:
-                with self.server.sim.lock:
-                    node.conns.discard(self.connection)
-
-    def do_GET(self):
-        sim = self.server.sim
-        if self.server.is_lb:
-            node = sim.pick_node_for_lb()
-            if node is None:
-                self.send_all(503, b'{"error": "no node up"}\n')
-                return
-            sim.serve(node, self, via_lb=True)
-        else:
-            sim.serve(self.server.node, self, via_lb=False)
-
-    def do_HEAD(self):
-        self.do_GET()
-
-    def do_POST(self):
-        self.send_all(405, b'{"error": "method not allowed"}\n', {"Allow": "GET"})
-
-    do_PUT = do_DELETE = do_PATCH = do_POST
-
-
-class _ControlHandler(_BaseHandler):
     def _reply(self, status, obj):
         self.send_all(status, (json.dumps(obj, sort_keys=True) + "\n").encode())
 
@@ -244,6 +221,8 @@ class _ControlHandler(_BaseHandler):
         q = urllib.parse.parse_qs(url.query)
         if url.path == "/state":
             self._reply(200, {"ok": True, "result": sim.state()})
+        elif url.path == "/stats":
+            self._reply(200, {"ok": True, "result": sim.stats()})
         elif url.path == "/requests":
             node = (q.get("node") or [""])[0]
             limit = int((q.get("limit") or ["100"])[0])
@@ -344,27 +323,26 @@ class ProviderSim:
         self.lb_counters = collections.Counter()
         self.events = collections.deque(maxlen=REQUEST_LOG_MAX)  # publish results
         self._huge_cache = None
-        self._threads = []
+        # What the nodes report changes only with this generation: their
+        # state answers are rendered once per generation (see _changed).
+        self.doc_gen = 0
+        self.http = provider_http.HttpLoop(log, verbose)
+        self.listen_lock = threading.Lock()  # serializes kill/start
         self.ledger = provider_acks.AckLedger(self._ack_brokers, broker_user, broker_password,
                                               EXCHANGE) if acks else None
 
     # ----- lifecycle -------------------------------------------------------
 
-    def _serve_thread(self, server, name):
-        t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                             name=name, daemon=True)
-        t.start()
-        return t
-
     def start_all(self):
+        self.http.start()
         for n in self.nodes.values():
             self._listen(n)
-        self.lb_server = _Server((self.host, self.lb_port), _NodeHandler, self, lb=True)
-        self.lb_port = self.lb_server.server_address[1]
-        self._threads.append(self._serve_thread(self.lb_server, "lb"))
+        self.lb_server = self.http.listen(self.host, self.lb_port, "lb", self._serve_lb)
+        self.lb_port = self.lb_server.port
         self.control_server = _Server((self.host, self.control_port), _ControlHandler, self)
         self.control_port = self.control_server.server_address[1]
-        self._threads.append(self._serve_thread(self.control_server, "control"))
+        threading.Thread(target=self.control_server.serve_forever, kwargs={"poll_interval": 0.05},
+                         name="control", daemon=True).start()
         if self.ledger is not None:
             self.ledger.start()
         return self.endpoints()
@@ -380,28 +358,32 @@ class ProviderSim:
                 "pid": os.getpid()}
 
     def _listen(self, node):
-        if node.server is not None:
-            return
-        srv = _Server((node.host, node.port), _NodeHandler, self, node=node)
-        node.port = srv.server_address[1]
-        node.server = srv
-        node.thread = self._serve_thread(srv, "node-" + node.id)
+        """Serves node on its port (the same one after a kill). Never called
+        with self.lock held: the loop thread may be waiting for it."""
+        with self.listen_lock:
+            if node.server is not None:
+                return
+            lst = self.http.listen(node.host, node.port, node.id,
+                                   lambda req: self._serve_node(node, req))
+            with self.lock:
+                node.port = lst.port
+                node.server = lst
 
     def _unlisten(self, node):
-        srv = node.server
-        if srv is None:
-            return
-        node.server = None
-        with self.lock:
-            node.generation += 1
-            conns = list(node.conns)
-        srv.shutdown()
-        srv.server_close()
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        """Closes node's listener (connections refused), drops its open
+        connections and releases the requests hung on it."""
+        with self.listen_lock:
+            lst = node.server
+            if lst is None:
+                return
+            with self.lock:
+                node.server = None
+                node.generation += 1
+            self.http.call(self._close_listener, lst, node)
+
+    def _close_listener(self, lst, node):
+        lst.close()
+        self._wake_hung(node)
 
     def stop(self):
         self.stopping.set()
@@ -409,10 +391,10 @@ class ProviderSim:
             self.ledger.stop()
         for n in self.nodes.values():
             self._unlisten(n)
-        for srv in (self.lb_server, self.control_server):
-            if srv is not None:
-                srv.shutdown()
-                srv.server_close()
+        self.http.stop()
+        if self.control_server is not None:
+            self.control_server.shutdown()
+            self.control_server.server_close()
         self.lb_server = self.control_server = None
 
     # ----- the cluster model ---------------------------------------------
@@ -471,125 +453,182 @@ class ProviderSim:
             self.lb_next += 1
             return n
 
-    def _wait_hang(self, n, gen):
-        deadline = time.monotonic() + HANG_MAX_SECONDS
-        while time.monotonic() < deadline:
-            with self.lock:
-                if not n.hang or n.generation != gen:
-                    return
-            if self.stopping.wait(0.05):
-                return
+    @staticmethod
+    def _method_ok(req):
+        """GET and HEAD are served; anything else is answered here."""
+        if req.method in ("GET", "HEAD"):
+            return True
+        if req.method in ("POST", "PUT", "DELETE", "PATCH"):
+            req.send(405, b'{"error": "method not allowed"}\n', {"Allow": "GET"})
+        else:
+            req.send_error(501, "Unsupported method (%r)" % req.method)
+        return False
 
-    def serve(self, n, h, via_lb):
-        """Answers request h as node n (also when it came through the LB)."""
-        t0 = time.time()
+    def _serve_node(self, node, req):
+        """A request on a node's own listener."""
+        return self.serve(node, req, via_lb=False) if self._method_ok(req) else None
+
+    def _serve_lb(self, req):
+        """A request on the load balancer: answered as one up node."""
+        if not self._method_ok(req):
+            return None
+        node = self.pick_node_for_lb()
+        if node is None:
+            req.send(503, b'{"error": "no node up"}\n')
+            return None
+        return self.serve(node, req, via_lb=True)
+
+    def serve(self, n, req, via_lb):
+        """Answers req as node n (also when it came through the LB). On the
+        event loop: answers at once, or returns a coroutine (hang, slow)."""
         with self.lock:
             gen = n.generation
             hang, slow = n.hang, n.slow
             n.counters["requests"] += 1
             if via_lb:
                 n.counters["via_lb"] += 1
-        entry = {"t": t0, "method": h.command, "path": h.path, "via_lb": via_lb,
-                 "if_none_match": h.headers.get("If-None-Match"),
-                 "user_agent": h.headers.get("User-Agent"), "status": None,
-                 "peer": h.client_address[0]}
-        with self.lock:
-            n.request_log.append(entry)
-        if hang:
-            with self.lock:
+            if hang:
                 n.counters["hung"] += 1
-            self._wait_hang(n, gen)
+            entry = {"t": time.time(), "method": req.method, "path": req.path,
+                     "via_lb": via_lb, "if_none_match": req.header("If-None-Match"),
+                     "user_agent": req.header("User-Agent"), "status": None,
+                     "peer": req.peer}
+            n.request_log.append(entry)
+        if hang or slow > 0:
+            req.untimed()
+            return self._serve_later(n, req, entry, gen, hang, slow)
+        self._answer(n, req, entry)
+        return None
+
+    async def _serve_later(self, n, req, entry, gen, hang, slow):
+        """A hung node answers once released (dropped at a kill); a slow
+        node after its delay."""
+        if hang:
+            await self._wait_hang(n, gen)
             with self.lock:
                 if n.generation != gen or self.stopping.is_set():
-                    h.close_connection = True
                     entry["status"] = "dropped"
+                    req.drop()
                     return
         if slow > 0:
-            if self.stopping.wait(slow):
+            await asyncio.sleep(slow)
+        self._answer(n, req, entry)
+
+    async def _wait_hang(self, n, gen):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HANG_MAX_SECONDS
+        while True:
+            with self.lock:
+                if not n.hang or n.generation != gen or self.stopping.is_set():
+                    return
+            left = deadline - loop.time()
+            if left <= 0:
                 return
-        path = urllib.parse.urlsplit(h.path).path
-        auth = h.headers.get("Authorization", "")
+            woken = loop.create_future()
+            n.hung.add(woken)
+            try:
+                await asyncio.wait_for(woken, left)
+            except asyncio.TimeoutError:
+                return
+
+    def _wake_hung(self, n):
+        """Loop thread: the hung requests of n look at its state again."""
+        for f in n.hung:
+            if not f.done():
+                f.set_result(None)
+        n.hung.clear()
+
+    def _answer(self, n, req, entry):
+        path = urllib.parse.urlsplit(req.path).path
+        auth = req.header("Authorization", "")
         with self.lock:
             token_ok = bool(self.token) and auth == "Bearer " + self.token
         if path == "/api/v1/ha/state":
             if not token_ok:
                 self._count(n, entry, 401)
-                h.send_all(401, b'{"error": "unauthorized"}\n',
-                           {"WWW-Authenticate": 'Bearer realm="dsm"'})
+                req.send(401, b'{"error": "unauthorized"}\n',
+                         {"WWW-Authenticate": 'Bearer realm="dsm"'})
                 return
-            self._serve_state(n, h, entry)
+            self._serve_state(n, req, entry)
         elif path.startswith("/api/v1/agent/packages/"):
             if not token_ok:
                 self._count(n, entry, 401)
-                h.send_all(401, b'{"error": "unauthorized"}\n',
-                           {"WWW-Authenticate": 'Bearer realm="dsm"'})
+                req.send(401, b'{"error": "unauthorized"}\n',
+                         {"WWW-Authenticate": 'Bearer realm="dsm"'})
                 return
-            version = urllib.parse.unquote(path[len("/api/v1/agent/packages/"):])
-            with self.lock:
-                data = self.packages.get(version)
-                n.counters["package_requests"] += 1
-            if data is None:
-                self._count(n, entry, 404)
-                h.send_all(404, b'{"error": "no such package"}\n')
-                return
-            self._count(n, entry, 200)
-            h.send_all(200, data, content_type="application/octet-stream")
+            self._serve_package(n, req, entry, path)
         else:
             self._count(n, entry, 404)
-            h.send_all(404, b'{"error": "not found"}\n')
+            req.send(404, b'{"error": "not found"}\n')
+
+    def _serve_package(self, n, req, entry, path):
+        version = urllib.parse.unquote(path[len("/api/v1/agent/packages/"):])
+        with self.lock:
+            data = self.packages.get(version)
+            n.counters["package_requests"] += 1
+        if data is None:
+            self._count(n, entry, 404)
+            req.send(404, b'{"error": "no such package"}\n')
+            return
+        self._count(n, entry, 200)
+        req.send(200, data, content_type="application/octet-stream")
 
     def _count(self, n, entry, status):
         with self.lock:
             entry["status"] = status
             n.counters["status_%s" % status] += 1
 
-    def _serve_state(self, n, h, entry):
-        with self.lock:
-            mode = n.fail_mode
+    def _changed(self):
+        """What a node reports may have changed (self.lock held): every
+        state answer is rendered again."""
+        self.doc_gen += 1
+
+    def _rendered(self, n):
+        """(fail mode, body, ETag) of n's state answer, rendered once per
+        document generation (self.lock held)."""
+        r = n.rendered
+        if r is not None and r[0] == self.doc_gen:
+            return r[1:]
+        mode = n.fail_mode
+        body = etag = None
+        if mode in ("none", "wrong_type", "huge", "reset"):
             doc = self.document(n)
             if n.forge:
                 doc = _merge(doc, n.forge)
+            if mode == "wrong_type":
+                doc["epoch"] = str(doc["epoch"])
+            if mode == "huge":
+                body = self._huge_body(doc)
+            else:
+                body = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+            etag = _etag(body)
+        n.rendered = (self.doc_gen, mode, body, etag)
+        return mode, body, etag
+
+    def _serve_state(self, n, req, entry):
+        with self.lock:
+            mode, body, etag = self._rendered(n)
         if mode == "500":
             self._count(n, entry, 500)
-            h.send_all(500, b'{"error": "internal error"}\n')
-            return
-        if mode == "304":
+            req.send(500, b'{"error": "internal error"}\n')
+        elif mode == "304":
             # A broken node or proxy: "unchanged" whatever was asked.
             self._count(n, entry, 304)
-            h.send_all(304, b"", {"ETag": '"stale"'})
-            return
-        if mode == "malformed":
+            req.send(304, b"", {"ETag": '"stale"'})
+        elif mode == "malformed":
             self._count(n, entry, 200)
-            h.send_all(200, b'{"node": {"id": "%s", "role": ' % n.id.encode())
-            return
-        if mode == "wrong_type":
-            doc["epoch"] = str(doc["epoch"])
-        if mode == "huge":
-            body = self._huge_body(doc)
-        else:
-            body = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
-        etag = _etag(body)
-        if mode == "reset":
+            req.send(200, b'{"node": {"id": "%s", "role": ' % n.id.encode())
+        elif mode == "reset":
             self._count(n, entry, "reset")
             head = ("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                     "Content-Length: %d\r\nETag: %s\r\n\r\n" % (len(body), etag)).encode()
-            try:
-                h.wfile.write(head + body[: len(body) // 2])
-                h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                        struct.pack("ii", 1, 0))
-            finally:
-                h.close_connection = True
-                try:
-                    h.connection.close()
-                except OSError:
-                    pass
-            raise _ResetConnection()
-        if mode == "none" and _etag_matches(h.headers.get("If-None-Match"), etag):
+            req.reset(head + body[: len(body) // 2])
+        elif mode == "none" and _etag_matches(req.header("If-None-Match"), etag):
             self._count(n, entry, 304)
-            h.send_all(304, b"", {"ETag": etag})
-            return
-        self._count(n, entry, 200)
-        h.send_all(200, body, {"ETag": etag, "Cache-Control": "no-cache"})
+            req.send(304, b"", {"ETag": etag})
+        else:
+            self._count(n, entry, 200)
+            req.send(200, body, {"ETag": etag, "Cache-Control": "no-cache"})
 
     # ----- events ----------------------------------------------------------
 
@@ -674,6 +713,7 @@ class ProviderSim:
                     self._adopt(n)
                 elif n.listening and not n.lag:
                     self._adopt(n)  # the old primary, if up, becomes standby
+            self._changed()
             body = json.dumps({"epoch": self.epoch, "primary_id": node_id,
                                "api_url": new.api_url}).encode()
             epoch = self.epoch
@@ -691,8 +731,7 @@ class ProviderSim:
 
     def start(self, node_id):
         n = self._node(node_id)
-        with self.lock:
-            self._listen(n)
+        self._listen(n)
         return {"node": node_id, "listening": True, "api_url": n.api_url}
 
     def sync(self, node_id):
@@ -700,6 +739,7 @@ class ProviderSim:
             n = self._node(node_id)
             n.lag = False
             self._adopt(n)
+            self._changed()
         return self.node_state(node_id)
 
     def revive_stale(self, node_id):
@@ -711,7 +751,8 @@ class ProviderSim:
                 n.epoch = n.last_primary_epoch
             else:
                 n.epoch = max(1, self.epoch - 1)
-            self._listen(n)
+            self._changed()
+        self._listen(n)
         return self.node_state(node_id)
 
     def conflict(self, node_id):
@@ -720,11 +761,14 @@ class ProviderSim:
             n.role = "primary"
             n.primary_id = n.id
             n.epoch = self.epoch
+            self._changed()
         return self.node_state(node_id)
 
     def hang(self, node_id, on=True):
         with self.lock:
-            self._node(node_id).hang = bool(on)
+            n = self._node(node_id)
+            n.hang = bool(on)
+        self.http.soon(self._wake_hung, n)
         return self.node_state(node_id)
 
     def slow(self, node_id, seconds):
@@ -738,6 +782,7 @@ class ProviderSim:
             raise ValueError("mode must be one of %s" % ", ".join(FAIL_MODES))
         with self.lock:
             self._node(node_id).fail_mode = mode
+            self._changed()
         return self.node_state(node_id)
 
     def forge(self, node_id, doc=None):
@@ -746,6 +791,7 @@ class ProviderSim:
         None stops it."""
         with self.lock:
             self._node(node_id).forge = dict(doc) if doc else None
+            self._changed()
         return self.node_state(node_id)
 
     def lag(self, node_id, on=True):
@@ -754,11 +800,13 @@ class ProviderSim:
             n.lag = bool(on)
             if not on:
                 self._adopt(n)
+            self._changed()
         return self.node_state(node_id)
 
     def set_version(self, node_id, version, event=False):
         with self.lock:
             self._node(node_id).version = str(version)
+            self._changed()
             primary = self.primary_id
         res = self.node_state(node_id)
         if event:
@@ -774,6 +822,7 @@ class ProviderSim:
                            "sha256": sha256 or hashlib.sha256(data).hexdigest(),
                            "size": int(size) if size is not None else len(data)}
             self.packages[str(version)] = data if served is None else served
+            self._changed()
             primary = self.primary_id
             res = dict(self.update)
             res["url"] = self.document(self.nodes[primary])["agent_update"]["url"]
@@ -785,6 +834,7 @@ class ProviderSim:
     def withdraw_update(self):
         with self.lock:
             self.update = None
+            self._changed()
         return None
 
     def drop_package(self, version):
@@ -801,11 +851,13 @@ class ProviderSim:
                 n.broker["vhost"] = str(vhost)
             if tls is not None:
                 n.broker["tls"] = bool(tls)
+            self._changed()
         return self.node_state(node_id)
 
     def set_token(self, token):
         with self.lock:
             self.token = str(token)
+            self._changed()
         return None
 
     def reset_counters(self):
@@ -814,6 +866,7 @@ class ProviderSim:
                 n.counters.clear()
                 n.request_log.clear()
             self.lb_counters.clear()
+        self.http.stats.reset()
         return None
 
     # ----- introspection -----------------------------------------------------
@@ -836,6 +889,10 @@ class ProviderSim:
                     "load_balancer": {"url": self._url(self.lb_port), "policy": self.lb_policy,
                                       "counters": dict(self.lb_counters)},
                     "events": list(self.events)}
+
+    def stats(self):
+        """GET /stats: the load the node listeners and the LB served."""
+        return self.http.stats.snapshot()
 
     def requests(self, node_id, limit=100):
         with self.lock:
@@ -897,7 +954,11 @@ class ProviderSim:
             kw["node_id" if k == "node" else k] = v
         if name == "offer_update" and "data" not in kw:
             raise ValueError("offer_update needs data or data_b64")
-        return getattr(self, name)(**kw)
+        try:
+            return getattr(self, name)(**kw)
+        finally:
+            with self.lock:
+                self._changed()  # also for operations that do not say so
 
 
 def _parse_broker(s):
@@ -972,6 +1033,9 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # a connection is a file descriptor: a fleet of daemons needs thousands
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         eps = sim.start_all()
     except OSError as e:
