@@ -139,6 +139,10 @@ class Sim:
     def requests(self, node_id, limit=100):
         return self._get("/requests?node=%s&limit=%d" % (node_id, limit))
 
+    def stats(self):
+        """GET /stats: requests, service latency and per-second counts."""
+        return self._get("/stats")
+
     def counters(self, node_id):
         return self.state()["nodes"][node_id]["counters"]
 

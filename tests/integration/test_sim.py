@@ -365,6 +365,86 @@ def test_get_latency_is_low(sim_nobroker):
     assert med < 0.010, "median GET %.1f ms" % (med * 1000)
 
 
+def test_stats(sim_nobroker):
+    s = sim_nobroker
+    raw_get(s.urls["p1"], token=s.token)
+    s.reset_counters()
+    t0 = time.time()
+    for _ in range(3):
+        assert raw_get(s.urls["p1"], token=s.token)[0] == 200
+    for _ in range(2):
+        assert raw_get(s.lb_url, token=s.token)[0] == 200
+    s.hang("p2")
+    with pytest.raises((socket.timeout, TimeoutError)):
+        raw_get(s.urls["p2"], token=s.token, timeout=0.3)
+    st = s.stats()
+    assert t0 - 1 <= st["since"] <= t0
+    assert st["requests"] == {"total": 6, "by_node": {"p1": 3, "p2": 1, "p3": 0, "lb": 2}}
+    lat = st["latency_ms"]
+    assert lat["count"] == 5  # the hung request is counted, not timed
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] < 1000
+    assert sum(c for _, c in st["per_second"]) == 6
+    assert all(t0 - 1 <= sec <= time.time() for sec, _ in st["per_second"])
+    s.reset_counters()
+    st = s.stats()
+    assert st["requests"]["total"] == 0 and st["latency_ms"]["count"] == 0
+    assert st["latency_ms"]["p50"] is None and st["per_second"] == []
+
+
+def test_answers_follow_every_change(sim_nobroker):
+    """Answers are rendered once per change: each operation shows at once."""
+    s = sim_nobroker
+    status, h, _ = raw_get(s.urls["p1"], token=s.token)
+    etag = h["ETag"]
+    s.forge("p1", {"epoch": 99})
+    status, h, body = raw_get(s.urls["p1"], token=s.token, headers={"If-None-Match": etag})
+    assert status == 200 and json.loads(body)["epoch"] == 99 and h["ETag"] != etag
+    s.forge("p1", None)
+    status, h, _ = raw_get(s.urls["p1"], token=s.token, headers={"If-None-Match": etag})
+    assert status == 304 and h["ETag"] == etag
+    s.fail("p1", "wrong_type")
+    assert isinstance(s.get_state("p1")[2]["epoch"], str)
+    s.fail("p1", "none")
+    s.set_version("p1", "9.9.9")
+    assert s.get_state("p1")[2]["node"]["version"] == "9.9.9"
+
+
+def test_keep_alive_pipelining_and_head(sim_nobroker):
+    s = sim_nobroker
+    host, port = hostport(s.urls["p1"])
+    req = ("GET /api/v1/ha/state HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
+           % s.token).encode()
+    with socket.create_connection((host, port), timeout=3) as c:
+        c.sendall(req + req.replace(b"GET", b"HEAD", 1))
+        data = b""
+        while data.count(b"HTTP/1.1 200 OK") < 2:
+            chunk = c.recv(65536)
+            assert chunk, data
+            data += chunk
+        first, second = data.split(b"HTTP/1.1 200 OK")[1:]
+        length = int(re.search(rb"Content-Length: (\d+)", second).group(1))
+        assert second.endswith(b"\r\n\r\n") and length == len(first.split(b"\r\n\r\n", 1)[1])
+    status, h, _ = raw_get(s.urls["p1"], token=s.token, headers={"Connection": "close"})
+    assert status == 200 and h["Connection"] == "close"
+
+
+def test_kill_drops_hung_request_through_the_lb(sim_nobroker):
+    s = sim_nobroker
+    s.kill("p2")
+    s.kill("p3")
+    s.hang("p1")
+    host, port = hostport(s.lb_url)
+    with socket.create_connection((host, port), timeout=3) as c:
+        c.sendall(("GET /api/v1/ha/state HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s"
+                   "\r\n\r\n" % s.token).encode())
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        s.kill("p1")
+        assert c.recv(100) == b""
+        assert time.monotonic() - t0 < 2
+    assert s.requests("p1")[-1]["status"] == "dropped"
+
+
 def test_promote_publishes_event_on_rabbitmq(sim, rabbit_nodes):
     """Validates the rabbit harness: a consumer on the new Primary's broker
     (and one on the old one's) receives provider.primary.changed."""
