@@ -286,7 +286,7 @@ def main():
         sent, elapsed, waves = load.burst(args.duration, args.burst_every)
         done = [w for w in waves if w is not None]
         report("burst", load, sent, elapsed,
-               "\n        wave of %d: all answered in ms p50 %s max %s (%d waves)"
+               "\n        wave of %d: last answer after ms p50 %s max %s (%d waves)"
                % (args.conns, ms(pct(done, 50)), ms(max(done) if done else None), len(waves)))
         show_stats(stats(eps["control"]))
     finally:
