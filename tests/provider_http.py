@@ -60,6 +60,26 @@ def http_date():
     return _date_cache[1]
 
 
+def response_bytes(status, body, headers, content_type, close, head_only, date):
+    """A whole answer: status line, Server, Date, Content-Type and
+    Content-Length (none for a 304), headers, Connection: close when
+    closing, then the body (none for a 304 or a HEAD)."""
+    lines = ["HTTP/1.1 %d %s" % (status, RESPONSES.get(status, ("",))[0]),
+             "Server: " + SERVER, "Date: " + date]
+    if content_type and status != 304:
+        lines.append("Content-Type: " + content_type)
+    if status != 304:
+        lines.append("Content-Length: %d" % len(body))
+    for k, v in (headers or {}).items():
+        lines.append("%s: %s" % (k, v))
+    if close:
+        lines.append("Connection: close")
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if status != 304 and not head_only:
+        data += body
+    return data
+
+
 def bind_socket(host, port):
     """A listening TCP socket on host:port (errors raise in the caller)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -218,19 +238,8 @@ class Request:
 
     def send(self, status, body=b"", headers=None, content_type="application/json"):
         """The whole answer in one write, as the threaded server sent it."""
-        lines = ["HTTP/1.1 %d %s" % (status, RESPONSES.get(status, ("",))[0]),
-                 "Server: " + SERVER, "Date: " + http_date()]
-        if content_type and status != 304:
-            lines.append("Content-Type: " + content_type)
-        if status != 304:
-            lines.append("Content-Length: %d" % len(body))
-        for k, v in (headers or {}).items():
-            lines.append("%s: %s" % (k, v))
-        if self.close:
-            lines.append("Connection: close")
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if status != 304 and self.method != "HEAD":
-            data += body
+        data = response_bytes(status, body, headers, content_type, self.close,
+                              self.method == "HEAD", http_date())
         self.conn.log_request(self, status, len(body))
         self.conn.answer(self, data)
 

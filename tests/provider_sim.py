@@ -173,7 +173,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 class _ControlHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "dsm-provider-sim/1.0"
+    server_version = provider_http.SERVER
     disable_nagle_algorithm = True  # TCP_NODELAY on every accepted socket
     timeout = 60  # idle keep-alive connections are closed after this
 
@@ -189,21 +189,9 @@ class _ControlHandler(http.server.BaseHTTPRequestHandler):
 
     def send_all(self, status, body=b"", headers=None, content_type="application/json"):
         """Builds the whole response and writes it with one send."""
-        lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
-                 "Server: " + self.server_version,
-                 "Date: " + self.date_time_string()]
-        if content_type and status != 304:
-            lines.append("Content-Type: " + content_type)
-        if status != 304:
-            lines.append("Content-Length: %d" % len(body))
-        for k, v in (headers or {}).items():
-            lines.append("%s: %s" % (k, v))
-        if self.close_connection:
-            lines.append("Connection: close")
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if status != 304 and self.command != "HEAD":
-            data += body
-        self.wfile.write(data)
+        self.wfile.write(provider_http.response_bytes(
+            status, body, headers, content_type, self.close_connection, self.command == "HEAD",
+            self.date_time_string()))
         self.log_request(status, len(body))
 
     def read_body(self, limit=16 * 1024 * 1024):
