@@ -783,10 +783,14 @@ const char *broker_conn_state_to_string(BrokerConnState s) {
 
 int broker_publish(Broker *b, const BrokerInfo *target, const char *routing_key, const void *body,
                    size_t len, uint64_t *ret_seq) {
+        /* user_id: RabbitMQ refuses a message whose user_id is not the
+         * connection's user, so a consumer can trust whose it is. */
         amqp_basic_properties_t props = {
-                ._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG,
+                ._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG |
+                          AMQP_BASIC_USER_ID_FLAG,
                 .content_type = amqp_cstring_bytes("application/json"),
                 .delivery_mode = AMQP_DELIVERY_NONPERSISTENT,
+                .user_id = amqp_cstring_bytes(b->params.username),
         };
         int r;
 

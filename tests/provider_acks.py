@@ -113,6 +113,9 @@ class _Consumer(threading.Thread):
         self.error = None
         self.connections = 0
 
+    def _on_message(self, channel, method, props, body):
+        self.ledger.record(body, self.label, props.user_id)
+
     def _set(self, state, error=None):
         if state != self.state:
             if state == "down" and self.state != "down":
@@ -160,8 +163,7 @@ class _Consumer(threading.Thread):
             ch.exchange_declare(exchange=self.ledger.exchange, exchange_type="topic", durable=True)
             q = ch.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
             ch.queue_bind(queue=q, exchange=self.ledger.exchange, routing_key=ROUTING_KEY)
-            ch.basic_consume(queue=q, auto_ack=True,
-                             on_message_callback=lambda c, m, p, body: self.ledger.record(body, self.label))
+            ch.basic_consume(queue=q, auto_ack=True, on_message_callback=self._on_message)
             self._set("bound")
             while not self.halt.is_set():
                 conn.process_data_events(time_limit=0.1)
@@ -246,7 +248,7 @@ class AckLedger:
 
     # ----- the ledger -----------------------------------------------------------
 
-    def record(self, body, label):
+    def record(self, body, label, user_id=None):
         """One delivery: "ok", "duplicate" or "malformed"."""
         ack = parse_ack(body)
         now = time.time()
@@ -259,7 +261,9 @@ class AckLedger:
                 if ack["agent_id"] in per:
                     self.duplicates[ack["epoch"]] += 1
                     return "duplicate"
-                per[ack["agent_id"]] = {"received_at": now, "broker": label,
+                # user_id: the broker user RabbitMQ vouches for (the daemon
+                # sets it; RabbitMQ refuses any other than the connection's).
+                per[ack["agent_id"]] = {"received_at": now, "broker": label, "user_id": user_id,
                                         "settings_written_at": ack["settings_written_at"],
                                         "primary_id": ack["primary_id"], "daemon": ack["daemon"]}
                 return "ok"

@@ -68,7 +68,8 @@ class Listener:
             if method is None:
                 return self.got
             self.got.append({"routing_key": method.routing_key, "t": time.time(),
-                             "content_type": props.content_type, "body": json.loads(body)})
+                             "content_type": props.content_type, "user_id": props.user_id,
+                             "body": json.loads(body)})
 
     def wait(self, n, timeout=20.0, what="acks"):
         deadline = time.monotonic() + timeout
@@ -169,6 +170,7 @@ def test_one_ack_per_commit_on_the_new_primarys_broker(sim, rabbit_ok, daemon_fa
     for a in got:
         b = a["body"]
         assert a["routing_key"] == ACK_KEY and a["content_type"] == "application/json"
+        assert a["user_id"] == "guest", a  # the connection's user, vouched for by RabbitMQ
         assert set(b) == {"agent_id", "epoch", "primary_id", "settings_written_at", "daemon"}, b
         assert b["epoch"] == 2 and b["primary_id"] == "p2", b
         assert RFC3339_MS.match(b["settings_written_at"]), b
