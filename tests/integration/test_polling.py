@@ -42,6 +42,15 @@ def settled(d, timeout=20.0):
     done and no round running), so that the next notify is the next round."""
     d.wait_for_settings(lambda s: True, timeout)
     poll_now(d, 1, timeout)
+    # A round owed from start-up (the broker's first failure, a coalesced
+    # notify) may still run: wait until no round has ended for 1 s.
+    last, since = polls(d), time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() < deadline and time.monotonic() - since < 1.0:
+        time.sleep(0.1)
+        now = polls(d)
+        if now != last:
+            last, since = now, time.monotonic()
 
 
 def node_status(doc, node_id):
