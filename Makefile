@@ -171,9 +171,13 @@ endif
 systemd-check: all
 	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL DSM_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -p no:cacheprovider -rsx tests/integration/test_systemd.py
 
+# make bench AGENTS=1000 BENCH_ARGS='--only fleet': the fleet's size (default
+# 200) and any option of tests/bench/run.py (--only, --quick, --keep, --markdown).
+BENCH_ARGS ?=
 bench: deps
 	$(MAKE) all $(TOOLS)
-	DSM_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) tests/bench/run.py
+	DSM_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) tests/bench/run.py \
+		$(if $(filter command line environment,$(origin AGENTS)),--agents $(AGENTS)) $(BENCH_ARGS)
 
 # The whole product live on loopback (tests/demo.py): real RabbitMQ nodes, the
 # Provider HA cluster simulator, AGENTS dsm-agent-syncd daemons (default 1).

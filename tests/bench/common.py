@@ -22,7 +22,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -229,11 +231,113 @@ def proc_private_by_mapping(pid, top=8):
     return sorted(((v, k) for k, v in by.items() if v), reverse=True)[:top]
 
 
-def raise_nofile():
+def raise_nofile(want=65536):
+    """Soft RLIMIT_NOFILE up to the hard one (raising the hard one too where
+    allowed, as root): a fleet keeps two log files open per daemon here, and
+    the RabbitMQ nodes started from this process inherit the limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        except (ValueError, OSError):
+            pass
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def proc_cpu_split(pid):
+    """(own, reaped children's) CPU seconds of pid: utime+stime, cutime+cstime."""
+    with open("/proc/%d/stat" % pid) as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK, (int(rest[13]) + int(rest[14])) / CLK_TCK
+
+
+def machine_busy_seconds():
+    """CPU seconds the whole machine spent busy (all CPUs, /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return (sum(v[:8]) - idle) / CLK_TCK
+
+
+class CpuMeter:
+    """CPU seconds of groups of processes ({name: [pid]}), of this benchmark
+    process and of the whole machine, read together in one snapshot. A
+    process that is gone keeps the last value read (a killed broker)."""
+
+    def __init__(self, groups, children_of=()):
+        self.groups = {k: list(v) for k, v in groups.items()}
+        self.children_of = set(children_of)  # groups whose reaped children count apart
+        self.last = {}
+
+    def snapshot(self):
+        out = {"t": time.time()}
+        for name, pids in self.groups.items():
+            own = kids = 0.0
+            for pid in pids:
+                try:
+                    v = proc_cpu_split(pid)
+                    self.last[pid] = v
+                except (OSError, ValueError, IndexError):
+                    v = self.last.get(pid, (0.0, 0.0))
+                own += v[0]
+                kids += v[1]
+            out[name] = own
+            if name in self.children_of:
+                out[name + "_children"] = kids
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        out["bench"] = ru.ru_utime + ru.ru_stime
+        out["machine"] = machine_busy_seconds()
+        return out
+
+    @staticmethod
+    def at(samples, t):
+        """The snapshot linearly interpolated at time t from [snapshot]."""
+        if t <= samples[0]["t"]:
+            return samples[0]
+        for a, b in zip(samples, samples[1:]):
+            if a["t"] <= t <= b["t"]:
+                w = 0.0 if b["t"] == a["t"] else (t - a["t"]) / (b["t"] - a["t"])
+                return {k: a[k] + (b[k] - a[k]) * w for k in a}
+        return samples[-1]
+
+    @staticmethod
+    def split(a, b, cpus=None):
+        """{group: {"s": seconds, "pct": % of all CPUs}} between snapshots a
+        and b, plus "other" (machine busy minus the groups and the bench)."""
+        cpus = cpus or os.cpu_count() or 1
+        el = max(1e-9, b["t"] - a["t"])
+        out = {"seconds": round(el, 2), "cpus": cpus}
+        known = 0.0
+        for k in a:
+            if k in ("t", "machine"):
+                continue
+            d = b[k] - a[k]
+            known += d
+            out[k] = {"s": round(d, 2), "pct": round(100 * d / (el * cpus), 1)}
+        busy = b["machine"] - a["machine"]
+        out["machine"] = {"s": round(busy, 2), "pct": round(100 * busy / (el * cpus), 1)}
+        other = max(0.0, busy - known)
+        out["other"] = {"s": round(other, 2), "pct": round(100 * other / (el * cpus), 1)}
+        return out
+
+
+def sim_stats(sim, timeout=10.0):
+    """The event-driven simulator's GET /stats ({"since", "requests",
+    "latency_ms", "per_second"} since the last reset_counters), or None
+    when the simulator has no such route (the threaded one answers 404)."""
+    try:
+        with urllib.request.urlopen(sim.control_url + "/stats", timeout=timeout) as r:
+            doc = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
+    if isinstance(doc, dict) and "result" in doc and "latency_ms" not in doc:
+        doc = doc["result"]
+    return doc
 
 
 # ----- floor probes -----------------------------------------------------------
@@ -458,8 +562,11 @@ class Env:
 
 
 class CounterSampler(threading.Thread):
-    """Samples the simulator's per-node counters every `period` seconds:
-    [(t, {"requests": n, "status_200": n, "status_304": n})] summed over nodes."""
+    """Samples the simulator's per-node counters (its control API's GET
+    /state) every `period` seconds: [(t, {"requests": n, "status_200": n,
+    "status_304": n, ...})] summed over nodes and made cumulative across
+    reset_counters (a counter that went down restarted from zero). Works with
+    any simulator; the fallback for per-second rates when it has no /stats."""
 
     def __init__(self, sim, period=0.25):
         super().__init__(daemon=True)
@@ -467,16 +574,31 @@ class CounterSampler(threading.Thread):
         self.period = period
         self.samples = []
         self.stop_ev = threading.Event()
+        self._raw = {}
+        self._cum = {}
+
+    def _add(self, t, raw, t_before=None, t_after=None):
+        for k, v in raw.items():
+            prev = self._raw.get(k, 0)
+            self._cum[k] = self._cum.get(k, 0) + (v - prev if v >= prev else v)
+        for k in self._raw:
+            if k not in raw:  # cleared by a reset: restarts from zero
+                self._raw[k] = 0
+        self._raw.update(raw)
+        self.samples.append((t, dict(self._cum), t if t_before is None else t_before,
+                             t if t_after is None else t_after))
 
     def run(self):
         while not self.stop_ev.is_set():
             try:
+                tb = time.time()
                 st = self.sim.state()
+                ta = time.time()
                 tot = {}
                 for n in st["nodes"].values():
                     for k, v in n["counters"].items():
                         tot[k] = tot.get(k, 0) + v
-                self.samples.append((time.time(), tot))
+                self._add((tb + ta) / 2, tot, tb, ta)
             except Exception:
                 pass
             self.stop_ev.wait(self.period)
@@ -485,24 +607,47 @@ class CounterSampler(threading.Thread):
         self.stop_ev.set()
         self.join(5)
 
-    def buckets(self, t_from, t_to, key="requests", width=1.0):
-        """Requests per `width`-second bucket in [t_from, t_to), from
-        interpolated counter samples (counters only grow)."""
-        s = [(t, c.get(key, 0)) for t, c in self.samples]
-        if len(s) < 2:
+    def at(self, t, key="requests"):
+        """The cumulative count at time t, interpolated between samples."""
+        s = self.samples
+        if not s:
+            return None
+        if t <= s[0][0]:
+            return s[0][1].get(key, 0)
+        for (t1, c1, *_), (t2, c2, *_) in zip(s, s[1:]):
+            if t1 <= t <= t2:
+                v1, v2 = c1.get(key, 0), c2.get(key, 0)
+                return v1 if t2 == t1 else v1 + (v2 - v1) * (t - t1) / (t2 - t1)
+        return s[-1][1].get(key, 0)
+
+    def outer(self, t_from, t_to, key="requests"):
+        """The count between the last sample surely read before t_from and
+        the first one surely read after t_to: all the requests in
+        [t_from, t_to], plus at most two sampling periods of the rate
+        around them. For a window that opens with a burst (an event),
+        where interpolation would move part of the burst before t_from."""
+        s = self.samples
+        if not s:
+            return None
+        a = next((c for _, c, _, ta in reversed(s) if ta <= t_from), s[0][1])
+        b = next((c for _, c, tb, _ in s if tb >= t_to), s[-1][1])
+        return b.get(key, 0) - a.get(key, 0)
+
+    def between(self, t_from, t_to, key="requests"):
+        a, b = self.at(t_from, key), self.at(t_to, key)
+        return None if a is None or b is None else b - a
+
+    def buckets(self, t_from, t_to, key="requests", width=1.0, step=None):
+        """Requests per second in `width`-second windows starting every
+        `step` seconds (default: width, i.e. buckets) in [t_from, t_to],
+        from interpolated counter samples. With step = the sampling period
+        the max is the busiest `width` seconds whatever their alignment."""
+        if len(self.samples) < 2:
             return []
-
-        def at(t):
-            if t <= s[0][0]:
-                return s[0][1]
-            for (t1, v1), (t2, v2) in zip(s, s[1:]):
-                if t1 <= t <= t2:
-                    return v1 if t2 == t1 else v1 + (v2 - v1) * (t - t1) / (t2 - t1)
-            return s[-1][1]
-
+        step = step or width
         out = []
         t = t_from
         while t + width <= t_to + 1e-9:
-            out.append((at(t + width) - at(t)) / width)
-            t += width
+            out.append(self.between(t, t + width, key) / width)
+            t += step
         return out

@@ -23,6 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import fleet  # noqa: E402
 import sections  # noqa: E402
 
 SECTIONS = ("failover", "death", "vanished", "idle", "notify", "fleet", "fleet_spread")
@@ -117,24 +118,8 @@ def report(res):
           % (f["clients"], f["seconds"], f["accepted_per_s"], f["answered_per_s"],
              json.dumps(f["status_counts"], sort_keys=True), f["daemon_cpu_percent"]))
     for fname in ("fleet", "fleet_spread"):
-        if fname not in s or "error" in s[fname]:
-            continue
-        f = s[fname]
-        st = f["steady"]
-        w("\n5. Fleet: %d agents (poll_interval %s, heartbeat %s, hint_spread %s); all connected %s s after start"
-          % (f["agents"], f["poll_interval"], f["heartbeat"], f.get("hint_spread", "0s"),
-             f["start_to_all_connected_s"]))
-        w("   per agent: RSS %s KiB, PSS %s KiB, private %s KiB (means)"
-          % (f["rss_kib_mean"], f["pss_kib_mean"], f["private_kib_mean"]))
-        w("   steady %s s: %s req/s (%s per 1000 agents), 200: %s, 304: %s, peak 1 s bucket %s req/s"
-          % (st["seconds"], st["rps"], st["rps_per_1000_agents"], st["status_200"], st["status_304"],
-             st["peak_1s_rps"]))
-        for k, label in (("event_failover", "promote with event"), ("primary_death", "primary death")):
-            e = f[k]
-            w("   %s: %d/%d converged; settings %s" % (label, e["converged"], e["of"],
-                                                      common.fmt_ms(e["settings_ms"])))
-            w("      connected %s; storm (first..last connect) %s ms; Provider peak %s req/s"
-              % (common.fmt_ms(e["connected_ms"]), e["storm_ms"], e["provider_peak_rps"]))
+        if fname in s and "error" not in s[fname]:
+            out.extend(report_fleet(s[fname]))
     for name, r in s.items():
         if "error" in r:
             w("\n%s: FAILED: %s" % (name, r["error"]))
@@ -143,6 +128,65 @@ def report(res):
         w("   [%s] %s: %s (target <= %s)" % ({True: "met", False: "MISSED", None: "n/a"}[t["met"]],
                                              t["metric"], _v(t["value"], t["unit"]), _v(t["target"], t["unit"])))
     return "\n".join(out)
+
+
+def _cpu(c):
+    if not c:
+        return "n/a"
+    parts = ["%s %s s (%s %%)" % (label, _v(c[k]["s"]), _v(c[k]["pct"]))
+             for k, label in (("daemons", "daemons"), ("brokers", "brokers"), ("simulator", "simulator"),
+                              ("bench", "bench"), ("other", "other"))]
+    kids = c.get("daemons_children")
+    if kids and kids["s"]:
+        parts.insert(1, "their on_change runs %s s" % _v(kids["s"]))
+    return "%s; machine busy %s %% of %d CPUs" % (", ".join(parts), _v(c["machine"]["pct"]), c["cpus"])
+
+
+def _lat(lat):
+    if lat is None:
+        return "n/a (threaded simulator)"
+    return "p50 %s ms, p90 %s ms, p99 %s ms, max %s ms (n=%s)" % (
+        _v(lat.get("p50")), _v(lat.get("p90")), _v(lat.get("p99")), _v(lat.get("max")), lat.get("count"))
+
+
+def report_fleet(f):
+    out = []
+    w = out.append
+    st = f["steady"]
+    mem = f["memory"]
+    w("\n5. Fleet: %d agents (poll_interval %s, heartbeat %s, hint_spread %s, fast_poll_interval %s); "
+      "all connected %s s after the first start (batches of %s)"
+      % (f["agents"], f["poll_interval"], f["heartbeat"], f.get("hint_spread", "0s"), f.get("fast_poll_interval"),
+         f["start_to_all_connected_s"], f.get("start_batch")))
+    w("   per agent (KiB, mean / max): RSS %s / %s, private dirty %s / %s, private %s / %s, PSS %s / %s"
+      % tuple(_v(mem[k][m]) for k in ("rss_kib", "private_dirty_kib", "private_kib", "pss_kib")
+              for m in ("mean", "max")))
+    w("   steady %s s: %s req/s (%s per 1000 agents; 200: %s, 304: %s), peak 1 s bucket %s req/s [%s]"
+      % (st["seconds"], st["rps"], st["rps_per_1000_agents"], st["status_200"], st["status_304"],
+         st["peak_1s_rps"], st["rate_source"]))
+    w("      CPU: " + _cpu(st["cpu"]))
+    w("      simulator's own request latency: " + _lat(st["sim_latency_ms"]))
+    for k, label, ref in (("event_failover", "promote with an event", "publish"),
+                          ("primary_death", "primary death (promote without an event)", "promote")):
+        e = f[k]
+        w("   %s: %d/%d settings rewritten, %d/%d consuming on the new broker, all within %s s of the %s"
+          % (label, e["converged"], e["of"], e["connected"], e["of"], e["window_s"], ref))
+        w("      settings rewritten:            " + common.fmt_ms(e["settings_ms"]))
+        w("      consuming on the new broker:   " + common.fmt_ms(e["connected_ms"]))
+        w("      Provider state requests until all consume: %s = %s per agent; peak 1 s %s req/s = %sx the steady "
+          "rate, %sx its peak [%s]"
+          % (e["requests"], e["requests_per_agent"], e["provider_peak_rps"],
+             _v(_ratio(e["provider_peak_rps"], st["rps"])), _v(_ratio(e["provider_peak_rps"], st["peak_1s_rps"])),
+             e["rate_source"]))
+        w("      connection storm (first..last consuming) %s ms; agents with a failed broker attempt %d (%d lines)"
+          % (e["storm_ms"], e["agents_with_failed_attempts"], e["broker_lost_lines"]))
+        w("      CPU: " + _cpu(e["cpu"]))
+        w("      simulator's own request latency: " + _lat(e["sim_latency_ms"]))
+    return out
+
+
+def _ratio(a, b):
+    return None if a is None or not b else round(a / b, 1)
 
 
 def markdown(res):
@@ -173,7 +217,7 @@ def main(argv=None):
            "quick": opts.quick, "sections": {}, "targets": []}
     env = common.Env()
     funcs = {"failover": sections.failover, "death": sections.primary_death, "vanished": sections.vanished, "idle": sections.idle,
-             "notify": sections.notify, "fleet": sections.fleet, "fleet_spread": sections.fleet_spread}
+             "notify": sections.notify, "fleet": fleet.fleet, "fleet_spread": fleet.fleet_spread}
     failed = False
     try:
         for name in opts.sections:

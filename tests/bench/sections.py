@@ -1,16 +1,16 @@
-"""The benchmark sections. Each takes (env, opts) and returns a dict of
-figures with a "targets" list: {"metric", "value", "target", "met", "unit"}."""
+"""The benchmark sections (the fleet's are in fleet.py). Each takes (env,
+opts) and returns a dict of figures with a "targets" list: {"metric",
+"value", "target", "met", "unit"}."""
 
 import http.client
 import json
 import os
-import statistics
 import threading
 import time
 
-from common import (MID_PRIMARY_COMMITTED, LogTail, CounterSampler, PROD, is_connected, is_settings, log, pct,
-                    probe_amqp, probe_atomic_replace, probe_http_get, proc_cpu_seconds,
-                    proc_ctxsw, proc_mem, proc_private_by_mapping, proc_threads, summary, wait_log, fmt_ms)
+from common import (MID_PRIMARY_COMMITTED, LogTail, PROD, is_connected, is_settings, log, probe_amqp,
+                    probe_atomic_replace, probe_http_get, proc_cpu_seconds, proc_ctxsw, proc_mem,
+                    proc_private_by_mapping, proc_threads, summary, wait_log)
 
 NODES = ("p1", "p2", "p3")
 
@@ -484,155 +484,4 @@ def notify(env, opts):
         env.stop_sim(sim)
 
 
-# ----- 5. fleet ----------------------------------------------------------------
-
-def _wait_fleet(tails, preds, timeout, what):
-    """Waits until each tail shows a line matching every predicate of
-    preds {name: pred}; returns {name: [time or None per tail]}."""
-    got = {k: [None] * len(tails) for k in preds}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = 0
-        for i, tl in enumerate(tails):
-            for t, f in tl.read():
-                for k, pred in preds.items():
-                    if got[k][i] is None and pred(f):
-                        got[k][i] = t
-            if any(got[k][i] is None for k in preds):
-                left += 1
-        if not left:
-            break
-        time.sleep(0.05)
-    for k in preds:
-        missing = sum(1 for g in got[k] if g is None)
-        if missing:
-            log("fleet: %d of %d agents missed %s %s within %.0f s" % (missing, len(tails), what, k, timeout))
-    return got
-
-
-def fleet(env, opts):
-    N = opts.agents
-    env.start_brokers()
-    sim = env.start_sim("fleet")
-    pub = Publisher()
-    sampler = CounterSampler(sim, 0.25)
-    spread = getattr(opts, "fleet_hint_spread", "0s")
-    cfg = {"provider": {"poll_interval": opts.fleet_poll, "hint_spread": spread}}
-    if getattr(opts, "fleet_fast_poll", None):
-        cfg["provider"]["fast_poll_interval"] = opts.fleet_fast_poll
-    daemons = []
-    try:
-        sampler.start()
-        log("fleet: starting %d daemons (poll_interval %s, heartbeat %s)" % (N, opts.fleet_poll, PROD["heartbeat"]))
-        t_start = time.monotonic()
-        for i in range(N):
-            # A directory per section: a state file left by an earlier fleet
-            # (at a higher epoch) would rightly make the daemon ignore a
-            # new cluster starting again at epoch 1.
-            d = env.new_daemon("fleet-%s-agent%03d" % (spread, i), sim, cfg)
-            d.start(wait=False)
-            daemons.append(d)
-        tails = [LogTail(d.log_path) for d in daemons]
-        st = sim.state()
-        cur = st["primary_id"]
-        peer = env.broker_of(st, cur)
-        got = _wait_fleet(tails, {"connected": is_connected(peer)}, 60 + N * 0.2, "start")["connected"]
-        start_s = time.monotonic() - t_start
-        if any(g is None for g in got):
-            raise RuntimeError("fleet did not connect")
-        log("fleet: %d connected in %.1f s" % (N, start_s))
-        time.sleep(3.0)
-        mems = [proc_mem(d.pid) for d in daemons]
-        # Steady state.
-        W = opts.fleet_steady
-        log("fleet: steady state for %d s" % W)
-        s0 = dict(sampler.samples[-1][1]) if sampler.samples else {}
-        ts0 = time.time()
-        time.sleep(W)
-        ts1 = time.time()
-        s1 = dict(sampler.samples[-1][1])
-        steady = {k: s1.get(k, 0) - s0.get(k, 0) for k in ("requests", "status_200", "status_304")}
-        steady_rate = steady["requests"] / (ts1 - ts0)
-        steady_b = sampler.buckets(ts0, ts1)
-        steady_peak = max(steady_b) if steady_b else None
-
-        def converge(kind, t_ref, ep, new_peer, timeout=60):
-            g = _wait_fleet(tails, {"settings": is_settings(ep), "connected": is_connected(new_peer)},
-                            timeout, kind)
-            s_times, c_times = g["settings"], g["connected"]
-            conv = [t - t_ref for t in s_times if t is not None]
-            cts = [t for t in c_times if t is not None]
-            time.sleep(2.0)
-            b = sampler.buckets(t_ref - 1.0, time.time())
-            return {"converged": len(conv), "of": N,
-                    "settings_ms": summary(conv, 1000),
-                    "connected_ms": summary([t - t_ref for t in cts], 1000),
-                    "storm_ms": round((max(cts) - min(cts)) * 1000, 1) if cts else None,
-                    "provider_peak_rps": round(max(b), 1) if b else None}
-
-        # A promote with an event.
-        for tl in tails:
-            tl.skip_to_end()
-        st = sim.state()
-        nxt = next_node(cur)
-        ob = st["nodes"][cur]["broker"]
-        r = sim.promote(nxt, event=False)
-        t0 = pub.publish(ob["host"], ob["port"], {"epoch": r["epoch"], "primary_id": nxt,
-                                                   "api_url": sim.urls[nxt]})
-        log("fleet: promote %s with an event" % nxt)
-        ev = converge("event", t0, r["epoch"], env.broker_of(st, nxt))
-        pub.close()
-        cur = nxt
-        # The Primary dies: API and broker killed, another node promoted without an event.
-        for tl in tails:
-            tl.skip_to_end()
-        st = sim.state()
-        nxt = next_node(cur)
-        sim.kill(cur)
-        env.brokers[NODES.index(cur) % len(env.brokers)].kill()
-        t_p = time.time()
-        r = sim.promote(nxt, event=False)
-        log("fleet: %s died, promote %s without an event" % (cur, nxt))
-        death = converge("death", t_p, r["epoch"], env.broker_of(st, nxt))
-        sim.sync(cur)
-        sim.start_node(cur)
-        scale = 1000.0 / N
-        res = {"agents": N, "poll_interval": opts.fleet_poll, "heartbeat": PROD["heartbeat"],
-               "start_to_all_connected_s": round(start_s, 1),
-               "rss_kib_mean": round(statistics.fmean(m["rss_kib"] for m in mems), 1),
-               "pss_kib_mean": round(statistics.fmean(m["pss_kib"] for m in mems), 1),
-               "private_kib_mean": round(statistics.fmean(m["private_kib"] for m in mems), 1),
-               "steady": {"seconds": round(ts1 - ts0, 1), "requests": steady["requests"],
-                          "status_200": steady["status_200"], "status_304": steady["status_304"],
-                          "rps": round(steady_rate, 2), "rps_per_1000_agents": round(steady_rate * scale, 1),
-                          "peak_1s_rps": round(steady_peak, 1) if steady_peak is not None else None},
-               "event_failover": ev, "primary_death": death}
-        peak = res["steady"]["peak_1s_rps"]
-        res["hint_spread"] = spread
-        res["fast_poll_interval"] = cfg["provider"].get("fast_poll_interval", PROD.get("fast_poll_interval", "500ms"))
-        label = "fleet (hint_spread %s, fast_poll_interval %s)" % (spread, res["fast_poll_interval"])
-        res["targets"] = [
-            target("%s: Provider peak 1 s rate, event failover vs steady peak" % label,
-                   _ratio(ev["provider_peak_rps"], peak), 3.0, "x"),
-            target("%s: Provider peak 1 s rate, primary death vs steady peak" % label,
-                   _ratio(death["provider_peak_rps"], peak), 3.0, "x"),
-        ]
-        return res
-    finally:
-        sampler.stop()
-        pub.close()
-        env.stop_daemons()
-        env.stop_sim(sim)
-
-
-def fleet_spread(env, opts):
-    """The fleet again with [provider] hint_spread set: the trade of a few
-    seconds of failover time for a flat Provider request rate."""
-    import copy
-    o = copy.copy(opts)
-    o.fleet_hint_spread = opts.fleet_spread_value
-    # After a broker loss every agent fast-polls until it is reconnected:
-    # the fleet's rate is N x nodes / fast_poll_interval whatever the phase,
-    # so a flat Provider rate needs a longer first retry as well.
-    o.fleet_fast_poll = opts.fleet_spread_value
-    return fleet(env, o)
+# ----- 5. fleet: tests/bench/fleet.py -----------------------------------------

@@ -24,6 +24,7 @@ rabbitmq); the node is ready once both listeners accept connections.
 
 import os
 import pwd
+import resource
 import secrets
 import shutil
 import signal
@@ -58,6 +59,18 @@ def amqp_ready(host, port, timeout=1.0, user="guest", password="guest"):
     except Exception:
         pass
     return True
+
+
+def _node_preexec():
+    """preexec_fn of a node: dies with its parent thread, and may open as
+    many files as the hard limit allows. RabbitMQ sizes its limit on
+    sockets from the file limit it starts with (about 90 % of it), and a
+    fleet benchmark connects 1000 Agents and more to one node; a soft
+    limit of 1024 would refuse some of them."""
+    util.pdeathsig_term()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Epmd:
@@ -177,7 +190,7 @@ class RabbitNode:
             [RABBITMQ_SERVER], cwd=self.dir, env=self.env(),
             stdin=subprocess.DEVNULL, stdout=self._console, stderr=subprocess.STDOUT,
             user="rabbitmq", group="rabbitmq", extra_groups=[],
-            start_new_session=True, preexec_fn=util.pdeathsig_term)
+            start_new_session=True, preexec_fn=_node_preexec)
         util.register_cleanup(("rabbit", self.name), self._force_stop)
 
     def find_beam(self):
