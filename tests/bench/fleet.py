@@ -199,6 +199,8 @@ class Fleet:
         stats = sim_stats(self.sim)
         sp = self.sampler
         req = sp.outer(t_ref, t_end)
+        if req is None and stats is not None:  # no counter samples: the count since the reset (+ tail)
+            req = stats["requests"]["total"]
         ps = _per_second(stats, t_ref, time.time())
         if ps is not None:
             peak = max((c for s, c in ps), default=None)

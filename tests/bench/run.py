@@ -3,12 +3,15 @@
 Provider simulator on loopback, with the floor measured in the same run.
 
     DSM_BUILD_DIR=build /usr/bin/python3 tests/bench/run.py [--quick]
-        [--only failover,death,idle,notify,fleet] [--agents N] [--markdown]
+        [--only failover,death,vanished,idle,notify,fleet,fleet_spread]
+        [--agents N] [--markdown]
+    make bench AGENTS=1000 BENCH_ARGS='--only fleet'
 
 Prints a readable report, writes every figure to build/bench.json (or
 --json PATH), and with --markdown also prints the table that
 docs/performance.md carries. Sections: failover (issue 3), death (issue 3),
-idle (issue 3), notify (issue 4), fleet (issue 8).
+vanished (rule 7), idle (issue 3), notify (issue 4), fleet and fleet_spread
+(issues 8 and 14; in fleet.py; N agents: --agents, else $AGENTS, else 200).
 """
 
 import argparse
@@ -133,9 +136,10 @@ def report(res):
 def _cpu(c):
     if not c:
         return "n/a"
-    parts = ["%s %s s (%s %%)" % (label, _v(c[k]["s"]), _v(c[k]["pct"]))
-             for k, label in (("daemons", "daemons"), ("brokers", "brokers"), ("simulator", "simulator"),
-                              ("bench", "bench"), ("other", "other"))]
+    parts = ["%s %s s (%s %%)" % (k, _v(c[k]["s"]), _v(c[k]["pct"]))
+             for k in ("daemons", "brokers", "simulator", "bench", "other")]
+    # One process, one thread serving (GIL or event loop): its bound is one core.
+    parts[2] = parts[2][:-1] + "; %s %% of one core)" % _v(round(c["simulator"]["pct"] * c["cpus"], 1))
     kids = c.get("daemons_children")
     if kids and kids["s"]:
         parts.insert(1, "their on_change runs %s s" % _v(kids["s"]))
