@@ -20,7 +20,9 @@ collide at this count); the two log files the harness keeps open per daemon
 are closed once the daemon has them.
 """
 
+import collections
 import copy
+import re
 import statistics
 import time
 
@@ -188,8 +190,16 @@ class Fleet:
         """Waits until every daemon rewrote its settings for ep and consumes
         on new_peer; the figures from t_ref (publish or promote)."""
         samples = [cpu_ref]
+        reasons = collections.Counter()
+
+        def lost_line(f):  # counts the broker's failures by reason as they are read
+            if not is_lost(f):
+                return False
+            reasons[re.sub(r"\d+", "N", f.get("DSM_REASON", "?"))[:60]] += 1
+            return True
+
         got, lost = self.logs.wait({"settings": is_settings(ep), "connected": is_connected(new_peer)},
-                                   timeout, kind, count=is_lost,
+                                   timeout, kind, count=lost_line,
                                    on_pass=lambda: samples.append(self.cpu.snapshot()))
         s_t = [t for t in got["settings"] if t is not None]
         c_t = [t for t in got["connected"] if t is not None]
@@ -217,7 +227,7 @@ class Fleet:
                 "provider_peak_rps": None if peak is None else round(peak, 1),
                 "rate_source": "simulator /stats" if ps is not None else "busiest 1 s from GET /state every 250 ms",
                 "agents_with_failed_attempts": sum(1 for c in lost if c),
-                "broker_lost_lines": sum(lost),
+                "broker_lost_lines": sum(lost), "broker_lost_reasons": dict(reasons.most_common(5)),
                 "sim_latency_ms": _latency(stats),
                 "cpu": CpuMeter.split(cpu_ref, CpuMeter.at(samples, t_end))}
 

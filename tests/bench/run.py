@@ -182,8 +182,10 @@ def report_fleet(f):
           % (e["requests"], e["requests_per_agent"], e["provider_peak_rps"],
              _v(_ratio(e["provider_peak_rps"], st["rps"])), _v(_ratio(e["provider_peak_rps"], st["peak_1s_rps"])),
              e["rate_source"]))
-        w("      connection storm (first..last consuming) %s ms; agents with a failed broker attempt %d (%d lines)"
-          % (e["storm_ms"], e["agents_with_failed_attempts"], e["broker_lost_lines"]))
+        w("      connection storm (first..last consuming) %s ms; agents logging a broker loss or failed attempt %d (%d lines%s)"
+          % (e["storm_ms"], e["agents_with_failed_attempts"], e["broker_lost_lines"],
+             "".join("; %d x %s" % (c, r) for r, c in sorted(e.get("broker_lost_reasons", {}).items(),
+                                                           key=lambda x: -x[1]))))
         w("      CPU: " + _cpu(e["cpu"]))
         w("      simulator's own request latency: " + _lat(e["sim_latency_ms"]))
     return out
