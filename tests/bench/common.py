@@ -255,11 +255,12 @@ def proc_cpu_split(pid):
 
 
 def machine_busy_seconds():
-    """CPU seconds the whole machine spent busy (all CPUs, /proc/stat)."""
+    """(busy, iowait) CPU seconds of the whole machine (all CPUs, /proc/stat).
+    iowait is idle time with a task waiting for the disk (fsync)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
-    return (sum(v[:8]) - idle) / CLK_TCK
+    iowait = v[4] if len(v) > 4 else 0
+    return (sum(v[:8]) - v[3] - iowait) / CLK_TCK, iowait / CLK_TCK
 
 
 class CpuMeter:
@@ -289,7 +290,7 @@ class CpuMeter:
                 out[name + "_children"] = kids
         ru = resource.getrusage(resource.RUSAGE_SELF)
         out["bench"] = ru.ru_utime + ru.ru_stime
-        out["machine"] = machine_busy_seconds()
+        out["machine"], out["iowait"] = machine_busy_seconds()
         return out
 
     @staticmethod
@@ -312,13 +313,15 @@ class CpuMeter:
         out = {"seconds": round(el, 2), "cpus": cpus}
         known = 0.0
         for k in a:
-            if k in ("t", "machine"):
+            if k in ("t", "machine", "iowait"):
                 continue
             d = b[k] - a[k]
             known += d
             out[k] = {"s": round(d, 2), "pct": round(100 * d / (el * cpus), 1)}
         busy = b["machine"] - a["machine"]
         out["machine"] = {"s": round(busy, 2), "pct": round(100 * busy / (el * cpus), 1)}
+        io = b["iowait"] - a["iowait"]
+        out["iowait"] = {"s": round(io, 2), "pct": round(100 * io / (el * cpus), 1)}
         other = max(0.0, busy - known)
         out["other"] = {"s": round(other, 2), "pct": round(100 * other / (el * cpus), 1)}
         return out

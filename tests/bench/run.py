@@ -143,7 +143,9 @@ def _cpu(c):
     kids = c.get("daemons_children")
     if kids and kids["s"]:
         parts.insert(1, "their on_change runs %s s" % _v(kids["s"]))
-    return "%s; machine busy %s %% of %d CPUs" % (", ".join(parts), _v(c["machine"]["pct"]), c["cpus"])
+    io = c.get("iowait")
+    return "%s; machine busy %s %% of %d CPUs%s" % (", ".join(parts), _v(c["machine"]["pct"]), c["cpus"],
+                                                   ", iowait %s %%" % _v(io["pct"]) if io else "")
 
 
 def _lat(lat):
@@ -182,8 +184,8 @@ def report_fleet(f):
           % (e["requests"], e["requests_per_agent"], e["provider_peak_rps"],
              _v(_ratio(e["provider_peak_rps"], st["rps"])), _v(_ratio(e["provider_peak_rps"], st["peak_1s_rps"])),
              e["rate_source"]))
-        w("      connection storm (first..last consuming) %s ms; agents logging a broker loss or failed attempt %d (%d lines%s)"
-          % (e["storm_ms"], e["agents_with_failed_attempts"], e["broker_lost_lines"],
+        w("      connection storm (first..last consuming) %s ms; agents logging a broker loss or failed attempt "
+          "%d (%d lines%s)" % (e["storm_ms"], e["agents_with_failed_attempts"], e["broker_lost_lines"],
              "".join("; %d x %s" % (c, r) for r, c in sorted(e.get("broker_lost_reasons", {}).items(),
                                                            key=lambda x: -x[1]))))
         w("      CPU: " + _cpu(e["cpu"]))
