@@ -145,6 +145,19 @@ def _latency(stats):
     return None if stats is None else stats.get("latency_ms")
 
 
+def _timeline(samples, t_end):
+    """[(s from the first sample, % of all CPUs busy: machine, daemons,
+    brokers)] per interval between CPU samples up to t_end."""
+    out = []
+    t_first = samples[0]["t"]
+    for a, b in zip(samples, samples[1:]):
+        if a["t"] >= t_end:
+            break
+        c = CpuMeter.split(a, b)
+        out.append([round(b["t"] - t_first, 1), c["machine"]["pct"], c["daemons"]["pct"], c["brokers"]["pct"]])
+    return out
+
+
 class Fleet:
     """The running fleet and its instruments."""
 
@@ -229,7 +242,8 @@ class Fleet:
                 "agents_with_failed_attempts": sum(1 for c in lost if c),
                 "broker_lost_lines": sum(lost), "broker_lost_reasons": dict(reasons.most_common(5)),
                 "sim_latency_ms": _latency(stats),
-                "cpu": CpuMeter.split(cpu_ref, CpuMeter.at(samples, t_end))}
+                "cpu": CpuMeter.split(cpu_ref, CpuMeter.at(samples, t_end)),
+                "busy_timeline": _timeline(samples, t_end)}
 
 
 def _targets(res, label, defaults):
