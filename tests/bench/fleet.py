@@ -149,12 +149,16 @@ def _timeline(samples, t_end):
     """[(s from the first sample, % of all CPUs busy: machine, daemons,
     brokers)] per interval between CPU samples up to t_end."""
     out = []
-    t_first = samples[0]["t"]
-    for a, b in zip(samples, samples[1:]):
+    a = samples[0]
+    for b in samples[1:]:
         if a["t"] >= t_end:
             break
+        if b["t"] - a["t"] < 0.4:  # /proc/stat counts 10 ms ticks: too coarse for less
+            continue
         c = CpuMeter.split(a, b)
-        out.append([round(b["t"] - t_first, 1), c["machine"]["pct"], c["daemons"]["pct"], c["brokers"]["pct"]])
+        out.append([round(b["t"] - samples[0]["t"], 1), c["machine"]["pct"], c["daemons"]["pct"],
+                    c["brokers"]["pct"]])
+        a = b
     return out
 
 

@@ -197,7 +197,7 @@ def report_fleet(f):
         w("      simulator's own request latency: " + _lat(e["sim_latency_ms"]))
         tl = e.get("busy_timeline") or []
         if tl:
-            w("      %% of the CPUs busy, machine/daemons/brokers, until t s: "
+            w("      % of the CPUs busy (machine/daemons/brokers) in the interval ending at t s: "
               + " ".join("%s:%.0f/%.0f/%.0f" % tuple(x) for x in tl))
     return out
 
