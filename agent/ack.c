@@ -19,6 +19,7 @@
 #include <systemd/sd-id128.h>
 
 #include "ack.h"
+#include "atomic_file.h"
 #include "config.h"
 #include "log.h"
 #include "macro.h"
@@ -32,6 +33,8 @@ struct Ack {
         sd_event *event;
         Broker *broker;
         char agent_id[CONFIG_AGENT_ID_MAX + 1];
+        char *record_path; /* the last confirmed epoch, kept across restarts; NULL: memory only */
+        int record_error;  /* the last failure to write it, logged once */
 
         uint64_t taken_epoch; /* the last commit acknowledged (or tried): one ack per commit */
 
@@ -105,6 +108,46 @@ int ack_default_agent_id(char *buf, size_t size) {
                 return 0;
         }
         return -ENXIO;
+}
+
+/* ---- the record of the last confirmed epoch ---- */
+
+/* A restart must neither acknowledge a confirmed commit again nor forget
+ * one that was never confirmed: the last confirmed epoch is kept in a
+ * small file next to the state file. Losing a write costs at most one
+ * more acknowledgement of the same commit after a restart. */
+static void ack_record_save(Ack *a) {
+        char buf[32];
+        int n, r;
+
+        if (!a->record_path)
+                return;
+        n = snprintf(buf, sizeof buf, "%" PRIu64 "\n", a->confirmed_epoch);
+        r = atomic_file_write(a->record_path, buf, (size_t) n, 0644);
+        if (r < 0 && r != a->record_error)
+                log_warning_errno(r,
+                                  "Cannot record the acknowledged epoch in %s; a restart may acknowledge "
+                                  "epoch %" PRIu64 " again",
+                                  a->record_path, a->confirmed_epoch);
+        a->record_error = r < 0 ? r : 0;
+}
+
+static void ack_record_load(Ack *a) {
+        _cleanup_(freep) char *text = NULL;
+        unsigned long long e;
+        int r;
+
+        (void) atomic_file_sweep(a->record_path);
+        r = read_file_full(a->record_path, 64, &text, NULL);
+        if (r == -ENOENT)
+                return;
+        if (r < 0 || sscanf(text, "%llu", &e) != 1) {
+                log_warning("Ignoring %s (unreadable or not an epoch): the current commit is acknowledged "
+                            "again",
+                            a->record_path);
+                return;
+        }
+        a->confirmed_epoch = a->taken_epoch = (uint64_t) e;
 }
 
 /* ---- the message in hand ---- */
@@ -218,6 +261,7 @@ void ack_confirmed(Ack *a, uint64_t seq, bool multiple, bool ok) {
                          a->commit.broker.port);
                 ack_count(a, ACK_CONFIRMED);
                 a->confirmed_epoch = a->commit.epoch;
+                ack_record_save(a);
                 ack_drop(a);
                 return;
         }
@@ -254,7 +298,7 @@ void ack_refused(Ack *a, const char *reason) {
 
 /* ---- lifetime and counters ---- */
 
-int ack_new(sd_event *e, Broker *broker, const char *agent_id, Ack **ret) {
+int ack_new(sd_event *e, Broker *broker, const char *agent_id, const char *record_path, Ack **ret) {
         Ack *a;
 
         if (!config_agent_id_valid(agent_id))
@@ -262,9 +306,15 @@ int ack_new(sd_event *e, Broker *broker, const char *agent_id, Ack **ret) {
         a = calloc(1, sizeof *a);
         if (!a)
                 return -ENOMEM;
+        if (record_path && !(a->record_path = strdup(record_path))) {
+                free(a);
+                return -ENOMEM;
+        }
         a->event = sd_event_ref(e);
         a->broker = broker;
         strscpy(a->agent_id, sizeof a->agent_id, agent_id);
+        if (a->record_path)
+                ack_record_load(a);
         *ret = a;
         return 0;
 }
@@ -274,6 +324,7 @@ Ack *ack_free(Ack *a) {
                 return NULL;
         ack_drop(a);
         sd_event_unref(a->event);
+        free(a->record_path);
         free(a);
         return NULL;
 }

@@ -36,8 +36,10 @@ typedef enum AckOutcome {
 
 typedef struct Ack Ack;
 
-/* agent_id: [daemon] agent_id, or the machine id (ack_default_agent_id). */
-int ack_new(sd_event *e, Broker *broker, const char *agent_id, Ack **ret);
+/* agent_id: [daemon] agent_id, or the machine id (ack_default_agent_id).
+ * record_path: where the last confirmed epoch is kept across restarts
+ * (NULL: in memory only); a commit at or below it is not acknowledged. */
+int ack_new(sd_event *e, Broker *broker, const char *agent_id, const char *record_path, Ack **ret);
 Ack *ack_free(Ack *a);
 
 /* The settings file describes c and on_change succeeded (or none is set);

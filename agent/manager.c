@@ -549,7 +549,7 @@ static int manager_add_signals(Manager *m) {
 /* The convergence acknowledgement, named by [daemon] agent_id or the
  * machine id. Without either the daemon runs on, unacknowledged. */
 static int manager_add_ack(Manager *m) {
-        char id[CONFIG_AGENT_ID_MAX + 1];
+        char id[CONFIG_AGENT_ID_MAX + 1], *record;
         int r;
 
         if (m->config->agent_id)
@@ -559,7 +559,10 @@ static int manager_add_ack(Manager *m) {
                                      "convergence is not acknowledged to the Provider");
                 return 0;
         }
-        r = ack_new(m->event, m->broker, id, &m->ack);
+        if (asprintf(&record, "%s.acked", m->config->state_file) < 0)
+                return log_error_errno(-ENOMEM, "Cannot set up the convergence acknowledgement");
+        r = ack_new(m->event, m->broker, id, record, &m->ack);
+        free(record);
         if (r < 0)
                 return log_error_errno(r, "Cannot set up the convergence acknowledgement");
         settings_writer_set_converged(m->settings, on_settings_converged, m);

@@ -48,6 +48,7 @@ struct SettingsWriter {
         Committed desired; /* what the file should say */
         Committed written; /* what it says, after a write or a match */
         usec_t written_at; /* CLOCK_REALTIME of that write (or the file's mtime) */
+        bool applied;      /* the first apply since the start happened */
         SettingsConvergedFn converged;
         void *converged_userdata;
 
@@ -454,7 +455,18 @@ static int write_failed(SettingsWriter *w, int r) {
         return r;
 }
 
+static usec_t file_mtime(const char *path) {
+        struct stat st;
+
+        if (stat(path, &st) < 0)
+                return now_usec(CLOCK_REALTIME);
+        return (usec_t) st.st_mtim.tv_sec * USEC_PER_SEC + (usec_t) st.st_mtim.tv_nsec / 1000;
+}
+
 static void write_done(SettingsWriter *w, FileMatch before) {
+        bool first = !w->applied;
+
+        w->applied = true;
         if (w->error != 0)
                 log_info("Settings file %s is current again", w->path);
         w->error = 0;
@@ -476,13 +488,16 @@ static void write_done(SettingsWriter *w, FileMatch before) {
         /* The file already says what the owed run (from before the start)
          * was for: run it now, with this content's variables. */
         if (w->recover) {
-                struct stat st;
-
-                w->written_at = stat(w->path, &st) == 0 ? (usec_t) st.st_mtim.tv_sec * USEC_PER_SEC +
-                                                                  (usec_t) st.st_mtim.tv_nsec / 1000
-                                                        : now_usec(CLOCK_REALTIME);
+                w->written_at = file_mtime(w->path);
                 log_info("Running the owed on_change for epoch %" PRIu64, w->written.epoch);
                 run_request(w);
+        } else if (first && !run_pending(w)) {
+                /* At start the file already describes the commit and
+                 * nothing is owed: the Agent was told before the stop.
+                 * Reported, so that an acknowledgement the stop cut short
+                 * is sent (ack.c keeps the confirmed ones apart). */
+                w->written_at = file_mtime(w->path);
+                report_converged(w);
         }
 }
 
@@ -601,10 +616,16 @@ int settings_writer_reconfigure(SettingsWriter *w, const Config *cfg) {
                         marker_set(w, w->written.epoch);
         }
         if (!w->on_change_argv) {
+                bool owed = w->run_owed || w->recover;
+
                 w->run_owed = false;
                 w->recover = false;
                 disarm_timer(w->run_timer);
                 marker_clear(w);
+                /* No hook to wait for any more: the written file is the
+                 * whole change. */
+                if (owed && w->error == 0 && w->written.epoch > 0)
+                        report_converged(w);
         }
         /* A new path, mode or hook: try at once rather than at the next
          * backoff step. */

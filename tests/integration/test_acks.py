@@ -307,3 +307,44 @@ def test_agent_id_is_validated_and_defaults_to_the_machine_id(tmp_path, daemon_b
     d = daemon_mod.Daemon(str(tmp_path / "ok"), sim=sim_nobroker, binary=daemon_bin,
                           overrides={"daemon": {"agent_id": "db-17.eu-west:a_b-c"}})
     assert d.run("--check-config").returncode == 0
+
+
+def test_a_restart_neither_repeats_nor_forgets_an_ack(sim, rabbit_ok, daemon_factory, listeners):
+    """The last confirmed epoch is kept next to the state file: a restart
+    does not acknowledge a confirmed commit again, and one the stop cut
+    short (the new broker frozen until after the stop) goes out after the
+    next start."""
+    n0, n1 = rabbit_ok
+    old, new = listeners(n0), listeners(n1)
+    d = start(daemon_factory, sim, "agent-restart", n0)
+    old.wait(1, what="the ack of epoch 1")
+    wait_metric(d, "acks_total", 1, outcome="confirmed")
+    assert open(d.state_file + ".acked").read() == "1\n"
+    d.stop()
+    d.start()
+    d.wait_for_status(lambda s: s["broker_connection"] == "connected", timeout=30)
+    assert d.notify()[0] == 202
+    time.sleep(2)
+    assert len(old.drain()) == 1, old.got  # not again
+    assert metric(d, "acknowledged_epoch") == 1 and metric(d, "ack_publishes_total") == 0
+
+    n1.sigstop()
+    try:
+        sim.promote("p2", event=False)
+        assert d.notify()[0] == 202
+        d.wait_for_primary("p2", epoch=2, timeout=15)
+        deadline = time.monotonic() + 15
+        while not [r for r in d.on_change_runs() if r["env"].get("DSM_EPOCH") == "2"]:
+            assert time.monotonic() < deadline, "on_change for epoch 2 did not run"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        d.stop()  # the ack of epoch 2 is still in hand
+    finally:
+        n1.sigcont()
+    assert open(d.state_file + ".acked").read() == "1\n"
+    d.start()
+    got = new.wait(1, timeout=60, what="the ack of epoch 2 after the restart")
+    assert [(a["body"]["agent_id"], a["body"]["epoch"]) for a in got] == [("agent-restart", 2)]
+    wait_metric(d, "acknowledged_epoch", 2)
+    time.sleep(1)
+    assert len(new.drain()) == 1, new.got

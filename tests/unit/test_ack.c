@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 #include <jansson.h>
@@ -70,7 +71,7 @@ static int setup(void **state) {
         fake.answer = -ENOTCONN;
         random_set_source(zero_source, NULL);
         assert_int_equal(sd_event_new(&f->e), 0);
-        assert_int_equal(ack_new(f->e, NULL, "agent-7", &f->a), 0);
+        assert_int_equal(ack_new(f->e, NULL, "agent-7", NULL, &f->a), 0);
         *state = f;
         return 0;
 }
@@ -140,7 +141,7 @@ static void test_agent_id(void **state) {
         assert_false(config_agent_id_valid(long_id));
         long_id[CONFIG_AGENT_ID_MAX] = 0;
         assert_true(config_agent_id_valid(long_id));
-        assert_int_equal(ack_new(NULL, NULL, "a b", &a), -EINVAL);
+        assert_int_equal(ack_new(NULL, NULL, "a b", NULL, &a), -EINVAL);
         /* The default is a valid id (the machine id, else the host name). */
         if (ack_default_agent_id(buf, sizeof buf) == 0)
                 assert_true(config_agent_id_valid(buf));
@@ -296,11 +297,66 @@ static void test_newer_commit_supersedes(void **state) {
         assert_non_null(strstr(fake.body, "\"primary_id\":\"p3\""));
 }
 
+/* The last confirmed epoch survives a restart: a confirmed commit is not
+ * acknowledged again, one cut short by the stop is. */
+static void test_record_across_restarts(void **state) {
+        char dir[] = "/tmp/test-ack-XXXXXX", path[64];
+        Committed c5 = commit(5, "p2", "b2"), c6 = commit(6, "p3", "b3");
+        sd_event *e = NULL;
+        Ack *a = NULL;
+        FILE *f;
+
+        assert_non_null(mkdtemp(dir));
+        snprintf(path, sizeof path, "%s/state.json.acked", dir);
+        memset(&fake, 0, sizeof fake);
+        assert_int_equal(sd_event_new(&e), 0);
+
+        /* First life: epoch 5 confirmed and recorded. */
+        assert_int_equal(ack_new(e, NULL, "agent-7", path, &a), 0);
+        assert_int_equal(ack_confirmed_epoch(a), 0);
+        ack_converged(a, &c5, 1);
+        ack_confirmed(a, fake.seq, false, true);
+        a = ack_free(a);
+
+        /* Second life: the same commit reported at start is not sent. */
+        assert_int_equal(ack_new(e, NULL, "agent-7", path, &a), 0);
+        assert_int_equal(ack_confirmed_epoch(a), 5);
+        ack_converged(a, &c5, 2);
+        assert_int_equal(fake.calls, 1);
+        /* Epoch 6 taken in hand, the stop comes before the confirm. */
+        ack_converged(a, &c6, 3);
+        assert_int_equal(fake.calls, 2);
+        a = ack_free(a);
+
+        /* Third life: epoch 6 was never confirmed, so it goes out. */
+        assert_int_equal(ack_new(e, NULL, "agent-7", path, &a), 0);
+        assert_int_equal(ack_confirmed_epoch(a), 5);
+        ack_converged(a, &c6, 4);
+        assert_int_equal(fake.calls, 3);
+        a = ack_free(a);
+
+        /* A record that is not an epoch is ignored (and said so). */
+        f = fopen(path, "w");
+        assert_non_null(f);
+        fputs("garbage\n", f);
+        fclose(f);
+        assert_int_equal(ack_new(e, NULL, "agent-7", path, &a), 0);
+        assert_int_equal(ack_confirmed_epoch(a), 0);
+        ack_converged(a, &c5, 5);
+        assert_int_equal(fake.calls, 4);
+        a = ack_free(a);
+
+        sd_event_unref(e);
+        unlink(path);
+        rmdir(dir);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_render_exact),
                 cmocka_unit_test(test_render_escapes_and_rejects_bad_utf8),
                 cmocka_unit_test(test_agent_id),
+                cmocka_unit_test(test_record_across_restarts),
                 cmocka_unit_test_setup_teardown(test_one_ack_per_commit, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_waits_for_the_connection, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_lost_before_the_confirm_is_sent_again, setup, teardown),
