@@ -31,6 +31,7 @@
 #include <amqp.h>
 
 #include "broker-connect.h"
+#include "broker-internal.h"
 #include "broker.h"
 #include "log.h"
 #include "macro.h"
@@ -58,47 +59,6 @@
 #define WORKER_WAIT_ON_FREE_USEC (2 * USEC_PER_SEC)
 #define DRAIN_BATCH              256
 #define EVENT_BODY_MAX           (64 * 1024)
-
-/* A delivery in progress: a basic.deliver method, a header, body frames. */
-typedef struct Delivery {
-        bool active;
-        bool have_header;
-        uint64_t tag;
-        char routing_key[256];
-        uint64_t size;
-        uint64_t got;
-        char *body; /* NULL while discarding an oversized body */
-} Delivery;
-
-struct Broker {
-        sd_event *event;
-        BrokerCallbacks cb;
-        void *userdata;
-        BrokerParams params; /* current settings and target */
-        bool have_target;
-        BrokerConnState state;
-
-        BrokerAttempt *attempt;
-        sd_event_source *attempt_source;
-        sd_event_source *retry_source; /* the next attempt, after a backoff or a spread */
-        unsigned failures;             /* failed attempts and losses since the last success */
-        uint64_t connects;             /* connections made, for GET /metrics */
-        bool loss_logged;              /* a warning went out for the current outage */
-
-        amqp_connection_state_t conn;
-        uint64_t conn_gen; /* bumped whenever conn goes away */
-        sd_event_source *io_source;
-        sd_event_source *drain_source;
-        sd_event_source *hb_send_source;
-        sd_event_source *hb_check_source;
-        usec_t heartbeat; /* negotiated, 0: off */
-        usec_t last_rx;
-        usec_t last_tx; /* our last heartbeat */
-        Delivery delivery;
-
-        bool publish_open;    /* the publishing channel is usable on this connection */
-        uint64_t publish_seq; /* the delivery tag of the last publish (per connection) */
-};
 
 /* ---- settings ---- */
 
@@ -141,7 +101,7 @@ static void delivery_reset(Delivery *d) {
 /* rabbitmq-c sends without a deadline: a send into a full socket buffer
  * would block the loop until the peer reads. Ask first; a broker that left
  * a whole buffer unread is not reading at all. */
-static bool broker_can_send(Broker *b) {
+bool broker_can_send(Broker *b) {
         struct pollfd p = {.fd = amqp_get_sockfd(b->conn), .events = POLLOUT};
 
         return poll(&p, 1, 0) == 1 && (p.revents & POLLOUT) && !(p.revents & (POLLERR | POLLHUP));
@@ -238,7 +198,7 @@ static void broker_attempt_failed(Broker *b, const char *reason) {
 }
 
 /* The established connection failed. */
-static void broker_lost(Broker *b, const char *reason, bool graceful) {
+void broker_lost(Broker *b, const char *reason, bool graceful) {
         const BrokerInfo *t = &b->params.target;
 
         broker_close_conn(b, graceful);
@@ -249,7 +209,7 @@ static void broker_lost(Broker *b, const char *reason, bool graceful) {
         broker_set_state(b, BROKER_DOWN, reason);
 }
 
-static void broker_lost_status(Broker *b, const char *what, int status) {
+void broker_lost_status(Broker *b, const char *what, int status) {
         char reason[BROKER_REASON_MAX];
 
         snprintf(reason, sizeof reason, "%s: %s", what, amqp_error_string2(status));
@@ -368,46 +328,6 @@ static void broker_on_server_close(Broker *b, const amqp_frame_t *f) {
                 if (broker_can_send(b))
                         (void) amqp_send_method(b->conn, f->channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
                 broker_lost(b, reason, true);
-        }
-}
-
-/* The broker closed the publishing channel: it refused a publish (403: the
- * user may not write to the exchange; 404: no such exchange). Consuming
- * goes on; publishing waits for the next connection. */
-static void broker_on_publish_close(Broker *b, const amqp_frame_t *f) {
-        amqp_channel_close_t *m = f->payload.method.decoded;
-        amqp_channel_close_ok_t ok = {};
-        char reason[BROKER_REASON_MAX];
-
-        snprintf(reason, sizeof reason, "%u %.*s", m->reply_code, (int) m->reply_text.len,
-                 (const char *) m->reply_text.bytes);
-        if (broker_can_send(b))
-                (void) amqp_send_method(b->conn, BROKER_PUBLISH_CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-        b->publish_open = false;
-        if (b->cb.publish_refused)
-                b->cb.publish_refused(b, reason, b->userdata);
-}
-
-static int broker_on_publish_method(Broker *b, const amqp_frame_t *f) {
-        switch (f->payload.method.id) {
-        case AMQP_BASIC_ACK_METHOD: {
-                amqp_basic_ack_t *m = f->payload.method.decoded;
-                if (b->cb.confirmed)
-                        b->cb.confirmed(b, m->delivery_tag, m->multiple, true, b->userdata);
-                return 0;
-        }
-        case AMQP_BASIC_NACK_METHOD: {
-                amqp_basic_nack_t *m = f->payload.method.decoded;
-                if (b->cb.confirmed)
-                        b->cb.confirmed(b, m->delivery_tag, m->multiple, false, b->userdata);
-                return 0;
-        }
-        case AMQP_CHANNEL_CLOSE_METHOD:
-                broker_on_publish_close(b, f);
-                return 0;
-        default:
-                log_debug("broker: ignoring method 0x%08x on the publishing channel", f->payload.method.id);
-                return 0;
         }
 }
 
@@ -779,44 +699,6 @@ const char *broker_conn_state_to_string(BrokerConnState s) {
                 return "connected";
         }
         return "unknown";
-}
-
-int broker_publish(Broker *b, const BrokerInfo *target, const char *routing_key, const void *body,
-                   size_t len, uint64_t *ret_seq) {
-        /* user_id: RabbitMQ refuses a message whose user_id is not the
-         * connection's user, so a consumer can trust whose it is. */
-        amqp_basic_properties_t props = {
-                ._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG |
-                          AMQP_BASIC_USER_ID_FLAG,
-                .content_type = amqp_cstring_bytes("application/json"),
-                .delivery_mode = AMQP_DELIVERY_NONPERSISTENT,
-                .user_id = amqp_cstring_bytes(b->params.username),
-        };
-        int r;
-
-        if (b->state != BROKER_CONNECTED || !b->conn)
-                return -ENOTCONN;
-        if (!broker_info_equal(&b->params.target, target))
-                return -ESTALE;
-        if (!b->publish_open)
-                return -EPERM;
-        if (!broker_can_send(b)) {
-                broker_lost(b, "broker not reading (send buffer full)", false);
-                return -EIO;
-        }
-        r = amqp_basic_publish(b->conn, BROKER_PUBLISH_CHANNEL, amqp_cstring_bytes(b->params.exchange),
-                               amqp_cstring_bytes(routing_key), 0, 0, &props,
-                               (amqp_bytes_t){.len = len, .bytes = (void *) body});
-        if (r != AMQP_STATUS_OK) {
-                broker_lost_status(b, "basic.publish", r);
-                return -EIO;
-        }
-        *ret_seq = ++b->publish_seq;
-        /* The library may have read frames while publishing (its heartbeat
-         * check): the socket will not say so, the drain will. */
-        if (amqp_frames_enqueued(b->conn) || amqp_data_in_buffer(b->conn))
-                (void) sd_event_source_set_enabled(b->drain_source, SD_EVENT_ONESHOT);
-        return 0;
 }
 
 uint64_t broker_reconnects(const Broker *b) {
