@@ -740,7 +740,10 @@ def test_notify_flood_stays_responsive(server):
     latencies.sort()
     print(f"healthz during flood: n={len(latencies)} median={latencies[len(latencies) // 2] * 1000:.1f}ms "
           f"max={latencies[-1] * 1000:.1f}ms; answers {counts}")
-    assert latencies[-1] < 0.1, latencies[-5:]
+    # Not a speed goal (the bench's notify section measures that): a bound
+    # no loaded machine misses, which a loop that blocks on the flood (a
+    # slow client, a full socket) would still exceed.
+    assert latencies[-1] < 1.0, latencies[-5:]
 
 
 # ---- dsm-agent-syncctl ----------------------------------------------------
