@@ -346,6 +346,70 @@ static void test_on_change_retry(void **state) {
         settings_writer_free(w);
 }
 
+/* The converged report (the acknowledgement's trigger, docs/acks.md): after
+ * a rewrite and a successful on_change only; once at start when the file
+ * already describes the commit and nothing is owed; and when a SIGHUP
+ * drops the hook of a run still owed. */
+static struct {
+        unsigned n;
+        uint64_t epoch, written_at;
+} conv;
+
+static void on_converged(const Committed *k, uint64_t written_at, void *userdata) {
+        conv.n++;
+        conv.epoch = k->epoch;
+        conv.written_at = written_at;
+}
+
+static void test_converged_reports(void **state) {
+        Ctx *c = *state;
+        SettingsWriter *w = NULL;
+        Committed k8 = committed(8), k9 = committed(9);
+        char script[256], *missing[] = {"/nonexistent/hook", NULL};
+        uint64_t t0 = now_usec(CLOCK_REALTIME);
+
+        memset(&conv, 0, sizeof conv);
+        /* A hook that fails until "ok" exists. */
+        snprintf(script, sizeof(script), "test -e %s/ok", c->dir);
+        set_hook(c, script);
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        settings_writer_set_converged(w, on_converged, NULL);
+        assert_int_equal(settings_writer_apply(w, &k8), 0);
+        run_for(c, 300 * USEC_PER_MSEC);
+        assert_int_equal(conv.n, 0); /* written, but the Agent was not told */
+        touch_in_dir(c, "ok");
+        run_until_idle(c, w, 5 * USEC_PER_SEC);
+        assert_int_equal(conv.n, 1);
+        assert_int_equal(conv.epoch, 8);
+        assert_true(conv.written_at >= t0 && conv.written_at <= now_usec(CLOCK_REALTIME));
+        assert_int_equal(settings_writer_apply(w, &k8), 0); /* unchanged: nothing */
+        assert_int_equal(conv.n, 1);
+        settings_writer_free(w);
+
+        /* A start with the file current and nothing owed: reported once. */
+        assert_int_equal(settings_writer_new(c->event, &c->cfg, &w), 0);
+        settings_writer_set_converged(w, on_converged, NULL);
+        assert_int_equal(settings_writer_apply(w, &k8), 0);
+        assert_int_equal(conv.n, 2);
+        assert_int_equal(conv.epoch, 8);
+        assert_true(conv.written_at <= now_usec(CLOCK_REALTIME)); /* the file's mtime */
+        assert_int_equal(settings_writer_apply(w, &k8), 0);
+        assert_int_equal(conv.n, 2);
+
+        /* A hook that cannot run, then a SIGHUP without it: the written
+         * file is the whole change. */
+        c->cfg.on_change_argv = missing;
+        assert_int_equal(settings_writer_reconfigure(w, &c->cfg), 0);
+        assert_int_equal(settings_writer_apply(w, &k9), 0);
+        assert_true(settings_writer_busy(w));
+        assert_int_equal(conv.n, 2);
+        c->cfg.on_change_argv = NULL;
+        assert_int_equal(settings_writer_reconfigure(w, &c->cfg), 0);
+        assert_int_equal(conv.n, 3);
+        assert_int_equal(conv.epoch, 9);
+        settings_writer_free(w);
+}
+
 /* A missing binary counts as a failed run (retried), not a crash. */
 static void test_on_change_missing(void **state) {
         Ctx *c = *state;
@@ -581,6 +645,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_on_change_timeout, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_on_change_retry, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_on_change_missing, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_converged_reports, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_write_failure_retry, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_marker_lifecycle, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_owed_run_survives_restart, setup, teardown),
